@@ -1,0 +1,1 @@
+"""Benchmarks: timing, memory, the speed table of ``make demo``."""

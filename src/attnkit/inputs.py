@@ -1,0 +1,197 @@
+"""Validated attention inputs, shared by the reference and every fast path.
+
+All checks happen here, before any compute, for every path (DESIGN §1.6): a fast path never sees
+inputs that were not validated. The checks look only at shapes, dtypes and devices, never at
+values, so they cost microseconds and never synchronise a GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+
+from .errors import DTypeError, InvalidOption, ShapeError, UnsupportedPattern
+from .patterns import Pattern, as_pattern
+from .state import State
+
+if TYPE_CHECKING:
+    from .mechanism import Mechanism
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+
+
+@dataclass(frozen=True)
+class AttentionInputs:
+    """One call's inputs after validation (and, for cached mechanisms, after joining the cache).
+
+    Shapes: ``q [B, Tq, Hq, Dk]``, ``k [B, Tk, Hkv, Dk]``, ``v [B, Tk, Hkv, Dv]``. Query ``i`` sits at
+    key position ``i + q_offset`` (non-zero only when a KV cache was prepended in causal_self).
+    """
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    pattern: Pattern
+    scale: float
+    key_padding_mask: torch.Tensor | None  # [B, Tk] bool, True = real token
+    state: State | None  # recurrent state to start from (cached mechanisms: already joined)
+    want_state: bool  # the caller asked for the final state
+    q_offset: int = 0
+    spatial_shape: tuple[int, ...] | None = None
+
+    @property
+    def batch(self) -> int:
+        return self.q.shape[0]
+
+    @property
+    def tq(self) -> int:
+        return self.q.shape[1]
+
+    @property
+    def tk(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def heads(self) -> int:
+        return self.q.shape[2]
+
+    @property
+    def kv_heads(self) -> int:
+        return self.k.shape[2]
+
+    @property
+    def groups(self) -> int:
+        """Query heads per key/value head (GQA)."""
+        return self.q.shape[2] // self.k.shape[2]
+
+    def replace(self, **changes) -> AttentionInputs:
+        return dataclasses.replace(self, **changes)
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ")"
+
+
+def validate(
+    mech: Mechanism,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    pattern: Pattern | str,
+    scale: float | None,
+    key_padding_mask: torch.Tensor | None,
+    state: State | None,
+    return_state: bool,
+    spatial_shape: tuple[int, ...] | None,
+) -> AttentionInputs:
+    """Check one call against the contract of DESIGN §1 and return its ``AttentionInputs``."""
+    name = mech.name
+    pattern = as_pattern(pattern)
+
+    for label, t, layout in (
+        ("q", q, "[B, Tq, Hq, Dk]"),
+        ("k", k, "[B, Tk, Hkv, Dk]"),
+        ("v", v, "[B, Tk, Hkv, Dv]"),
+    ):
+        if not isinstance(t, torch.Tensor):
+            raise DTypeError(f"{label} must be a torch.Tensor {layout}; got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ShapeError(f"{label} must be 4-D {layout}; got shape {_shape(t)}")
+        if t.dtype not in FLOAT_DTYPES:
+            raise DTypeError(f"{label} has dtype {t.dtype}; expected one of float32, bfloat16, float16, float64")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise DTypeError(f"q, k, v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise DTypeError(f"q, k, v must be on one device; got {q.device}, {k.device}, {v.device}")
+
+    bq, tq, hq, dq = q.shape
+    bk, tk, hk, dk = k.shape
+    if bq != bk or bk != v.shape[0]:
+        raise ShapeError(f"q, k, v must share the batch size; got {bq}, {bk}, {v.shape[0]}")
+    if v.shape[1] != tk:
+        raise ShapeError(f"k and v must have the same length; got k {tk} tokens and v {v.shape[1]}")
+    if v.shape[2] != hk:
+        raise ShapeError(f"k and v must have the same number of heads; got k {hk} and v {v.shape[2]}")
+    if dq != dk:
+        raise ShapeError(f"q and k must have the same head dim; got q {dq} and k {dk}")
+    if hk == 0 or hq % hk != 0:
+        raise ShapeError(f"q has {hq} heads but k has {hk}; q heads must be a multiple of k heads")
+    if min(tq, tk) == 0:
+        raise ShapeError(f"q and k need at least one token; got Tq={tq}, Tk={tk}")
+
+    check_pattern(mech, pattern)
+    if pattern.is_self and tq != tk:
+        raise ShapeError(
+            f"{pattern.value} needs as many queries as keys; got Tq={tq}, Tk={tk}"
+            " (use a cross pattern for a separate context)"
+        )
+
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, torch.Tensor) or key_padding_mask.dtype != torch.bool:
+            got = key_padding_mask.dtype if isinstance(key_padding_mask, torch.Tensor) else type(key_padding_mask)
+            raise DTypeError(f"key_padding_mask must be a bool tensor (True = real token); got {got}")
+        if tuple(key_padding_mask.shape) != (bk, tk):
+            raise ShapeError(f"key_padding_mask must have shape [B, Tk] = ({bk}, {tk}); got {_shape(key_padding_mask)}")
+        if key_padding_mask.device != k.device:
+            raise DTypeError(f"key_padding_mask is on {key_padding_mask.device} but k is on {k.device}")
+
+    if state is not None or return_state:
+        _check_state(mech, pattern, k, v, state)
+
+    if scale is None:
+        scale = 1.0 / math.sqrt(dk)
+    elif not mech.uses_scale:
+        raise InvalidOption(f"{name} does not use a score scale; got scale={scale!r} (leave it None)")
+    elif isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale) or scale <= 0:
+        raise InvalidOption(f"scale must be a positive finite number; got {scale!r}")
+
+    spatial_shape = _check_spatial(mech, spatial_shape, tq)
+    return AttentionInputs(
+        q=q,
+        k=k,
+        v=v,
+        pattern=pattern,
+        scale=float(scale),
+        key_padding_mask=key_padding_mask,
+        state=state,
+        want_state=return_state,
+        spatial_shape=spatial_shape,
+    )
+
+
+def check_pattern(mech: Mechanism | type[Mechanism], pattern: Pattern) -> None:
+    """Raise UnsupportedPattern naming the mechanism, the pattern and the patterns it does support."""
+    if pattern not in mech.patterns:
+        supported = ", ".join(sorted(p.value for p in mech.patterns))
+        raise UnsupportedPattern(f"{mech.name} does not support pattern {pattern.value}; it supports: {supported}")
+
+
+def _check_state(mech: Mechanism, pattern: Pattern, k: torch.Tensor, v: torch.Tensor, state: State | None) -> None:
+    if mech.state_kind is None:
+        raise InvalidOption(f"{mech.name} has no decoding state; call it without state= and return_state=")
+    if pattern is not Pattern.CAUSAL_SELF:
+        raise InvalidOption(
+            f"decoding state is defined for causal_self only; got pattern {pattern.value}"
+            " (cross attention needs no state: pass the whole context each call)"
+        )
+    if state is None:
+        return
+    if not isinstance(state, mech.state_kind):
+        raise InvalidOption(f"{mech.name} expects a {mech.state_kind.__name__} state; got {type(state).__name__}")
+    mech.check_state(state, k, v)
+
+
+def _check_spatial(mech: Mechanism, spatial_shape, tq: int) -> tuple[int, ...] | None:
+    if spatial_shape is None:
+        if mech.spatial:
+            raise ShapeError(f"{mech.name} needs spatial_shape=(h, w) or (d, h, w) with prod == T={tq}")
+        return None
+    shape = tuple(int(s) for s in spatial_shape)
+    if not shape or any(s <= 0 for s in shape) or math.prod(shape) != tq:
+        raise ShapeError(f"spatial_shape {shape} must be positive sizes whose product is T={tq}")
+    return shape

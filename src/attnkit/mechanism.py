@@ -1,0 +1,343 @@
+"""The base class every mechanism derives from, its registry, and path dispatch.
+
+A mechanism is one file in ``attnkit/mechanisms/`` holding one subclass of :class:`Mechanism`
+decorated with ``@register_mechanism("name")``. It declares what it is (class attributes that form its
+:class:`MechanismInfo`), writes ``reference`` (the specification) and any number of fast paths
+decorated with ``@fast_path("algorithm")``, each saying which inputs it cannot take.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+from torch import nn
+
+from .errors import AttnkitError, InvalidOption, ShapeError, did_you_mean
+from .inputs import AttentionInputs, validate
+from .options import NoOptions, parse_options
+from .patterns import Pattern
+from .registry import Registry
+from .state import KVCache, RecurrentState, State, WindowCache
+
+log = logging.getLogger(__name__)
+
+REGISTRY: Registry[type[Mechanism]] = Registry("mechanism", "attnkit.mechanisms")
+PATH_ENV = "ATTNKIT_PATH"  # ATTNKIT_PATH=reference forces the reference path everywhere
+_last = threading.local()
+
+PathFn = Callable[["Mechanism", AttentionInputs], "tuple[torch.Tensor, State | None]"]
+
+
+@dataclass(frozen=True)
+class Paper:
+    title: str
+    year: int
+    arxiv: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.title} ({self.year}" + (f", arXiv:{self.arxiv})" if self.arxiv else ")")
+
+
+@dataclass(frozen=True)
+class Complexity:
+    time: str  # e.g. "O(T²·D)"
+    memory: str  # extra memory beyond inputs and outputs, e.g. "O(T)"
+
+    def __str__(self) -> str:
+        return f"time {self.time}, memory {self.memory}"
+
+
+class Shape(NamedTuple):
+    """Sizes of one call, for FLOP and state-size formulas."""
+
+    batch: int
+    tq: int
+    tk: int
+    heads: int
+    kv_heads: int
+    dk: int
+    dv: int
+
+
+@dataclass(frozen=True)
+class MechanismInfo:
+    name: str
+    kind: str  # "attention" or "mixer"
+    family: str
+    paper: Paper
+    patterns: frozenset[Pattern]
+    exact: bool  # equals softmax attention up to rounding
+    trainable: bool  # has parameters: build it with attnkit.create / attnkit.Attention
+    supports_state: bool
+    spatial: bool  # needs spatial_shape
+    complexity: Complexity
+    options: type  # the frozen options dataclass
+    paths: tuple[str, ...]  # fast paths, in order of definition
+    state_kind: str | None = None
+
+
+class FastPath:
+    """A named fast path of a mechanism; ``@path.unsupported`` adds its refusal reasons.
+
+    ``priority`` ranks the paths ``auto`` may choose among; it is a number or a function of the
+    mechanism and inputs (a dispatch heuristic, e.g. "dense is faster while T <= 2 * window").
+    """
+
+    def __init__(self, fn: PathFn, name: str, priority: int | Callable[[Mechanism, AttentionInputs], int]):
+        self.fn = fn
+        self.name = name
+        self.priority = priority
+        self._reasons: Callable[[Mechanism, AttentionInputs], list[str]] | None = None
+
+    def unsupported(self, fn: Callable[[Mechanism, AttentionInputs], list[str]]) -> FastPath:
+        """Decorator: a method returning why this path cannot take the inputs (empty: it can)."""
+        self._reasons = fn
+        return self
+
+    def not_supported_reasons(self, mech: Mechanism, x: AttentionInputs) -> list[str]:
+        return list(self._reasons(mech, x)) if self._reasons else []
+
+    def rank(self, mech: Mechanism, x: AttentionInputs) -> int:
+        return self.priority(mech, x) if callable(self.priority) else self.priority
+
+    def __call__(self, mech: Mechanism, x: AttentionInputs):
+        return self.fn(mech, x)
+
+
+def fast_path(name: str, *, priority: int | Callable[..., int] = 0) -> Callable[[PathFn], FastPath]:
+    """Mark a method as a fast path named by its algorithm (``sdpa``, ``chunk``, ``blocked``...)."""
+    return lambda fn: FastPath(fn, name, priority)
+
+
+def register_mechanism(name: str) -> Callable[[type[Mechanism]], type[Mechanism]]:
+    def deco(cls: type[Mechanism]) -> type[Mechanism]:
+        cls.name = name
+        return REGISTRY.register(name)(cls)
+
+    return deco
+
+
+def last_path() -> str | None:
+    """The path the most recent attention call in this thread ran (``"sdpa"``, ``"reference"``...)."""
+    return getattr(_last, "path", None)
+
+
+class Mechanism(nn.Module):
+    """Base of all attention mechanisms. Subclasses fill in the class attributes below."""
+
+    name: ClassVar[str] = "?"
+    kind: ClassVar[str] = "attention"
+    family: ClassVar[str]
+    paper: ClassVar[Paper]
+    patterns: ClassVar[frozenset[Pattern]]
+    exact: ClassVar[bool]
+    trainable: ClassVar[bool] = False
+    spatial: ClassVar[bool] = False
+    uses_scale: ClassVar[bool] = True  # takes the softmax-style score scale (default 1/sqrt(Dk))
+    state_kind: ClassVar[type[State] | None] = None
+    complexity: ClassVar[Complexity]
+    Options: ClassVar[type] = NoOptions
+    # relative RMSE allowed between a fast path and the reference, per dtype
+    tolerances: ClassVar[dict[torch.dtype, float]] = {
+        torch.float64: 1e-9,
+        torch.float32: 2e-5,
+        torch.float16: 5e-3,
+        torch.bfloat16: 2e-2,
+    }
+    # option sets the conformance suite and the benchmark exercise
+    example_options: ClassVar[tuple[dict[str, Any], ...]] = ({},)
+    _fast_paths: ClassVar[tuple[FastPath, ...]] = ()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        found: dict[str, FastPath] = {}
+        for klass in reversed(cls.__mro__):
+            for value in vars(klass).values():
+                if isinstance(value, FastPath):
+                    found[value.name] = value
+        cls._fast_paths = tuple(found.values())  # in order of definition
+
+    def __init__(self, heads: int | None = None, head_dim: int | None = None, **options: Any):
+        super().__init__()
+        self.heads = heads
+        self.head_dim = head_dim
+        self.options = parse_options(self.Options, options, mechanism=self.name)
+        self.last_path: str | None = None
+
+    # ---- description ------------------------------------------------------------------------------
+
+    @classmethod
+    def info(cls) -> MechanismInfo:
+        return MechanismInfo(
+            name=cls.name,
+            kind=cls.kind,
+            family=cls.family,
+            paper=cls.paper,
+            patterns=frozenset(cls.patterns),
+            exact=cls.exact,
+            trainable=cls.trainable,
+            supports_state=cls.state_kind is not None,
+            spatial=cls.spatial,
+            complexity=cls.complexity,
+            options=cls.Options,
+            paths=tuple(p.name for p in cls._fast_paths),
+            state_kind=cls.state_kind.__name__ if cls.state_kind else None,
+        )
+
+    def extra_repr(self) -> str:
+        return f"{self.name}, {self.options}"
+
+    # ---- the call ---------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        *,
+        pattern: Pattern | str,
+        key_padding_mask: torch.Tensor | None = None,
+        state: State | None = None,
+        return_state: bool = False,
+        path: str = "auto",
+        spatial_shape: tuple[int, ...] | None = None,
+        scale: float | None = None,
+    ):
+        """Attend ``q [B,Tq,Hq,Dk]`` to ``k [B,Tk,Hkv,Dk]``, ``v [B,Tk,Hkv,Dv]``; returns ``[B,Tq,Hq,Dv]``.
+
+        With ``return_state=True`` returns ``(out, state)``; pass that state to the next call to
+        continue the sequence (causal_self only).
+        """
+        x = validate(
+            self,
+            q,
+            k,
+            v,
+            pattern=pattern,
+            scale=scale,
+            key_padding_mask=key_padding_mask,
+            state=state,
+            return_state=return_state,
+            spatial_shape=spatial_shape,
+        )
+        self.check_call(x)
+        x, cache = self._join_cache(x)
+        run = self._choose_path(path, x)
+        out, new_state = run(self, x)
+        self.last_path = _last.path = run.name if isinstance(run, FastPath) else "reference"
+        if cache is not None:
+            new_state = cache
+        return (out, new_state) if return_state else out
+
+    def check_call(self, x: AttentionInputs) -> None:
+        """Mechanism-specific checks of validated inputs (e.g. head counts of trainable ones)."""
+        if self.heads is not None and self.trainable and x.heads != self.heads:
+            raise ShapeError(f"{self.name} was created for {self.heads} heads; got q with {x.heads}")
+
+    def _choose_path(self, path: str, x: AttentionInputs):
+        forced = os.environ.get(PATH_ENV)
+        if forced:
+            if forced != "reference":
+                raise InvalidOption(f"{PATH_ENV}={forced!r} is not understood; the only value is 'reference'")
+            return type(self).reference
+        if path == "reference":
+            return type(self).reference
+        names = [p.name for p in self._fast_paths]
+        if path == "auto":
+            for p in sorted(self._fast_paths, key=lambda p: -p.rank(self, x)):
+                reasons = p.not_supported_reasons(self, x)
+                if not reasons:
+                    return p
+                log.debug("%s: path %s skipped: %s", self.name, p.name, "; ".join(reasons))
+            return type(self).reference
+        for p in self._fast_paths:
+            if p.name == path:
+                reasons = p.not_supported_reasons(self, x)
+                if reasons:
+                    raise InvalidOption(f"{self.name} path {path!r} cannot take these inputs: {'; '.join(reasons)}")
+                return p
+        valid = ["auto", "reference", *names]
+        raise InvalidOption(
+            f"{self.name} has no path {path!r}.{did_you_mean(path, valid)} Valid paths: {', '.join(valid)}"
+        )
+
+    def reference(self, x: AttentionInputs) -> tuple[torch.Tensor, State | None]:
+        """The specification: plain PyTorch that reads like the paper."""
+        raise NotImplementedError
+
+    # ---- state --------------------------------------------------------------------------------------
+
+    def init_state(self, batch: int, kv_heads: int, dk: int, dv: int, *, device=None, dtype=torch.float32) -> State:
+        """The empty state a sequence starts from."""
+        kind = self.state_kind
+        if kind is None:
+            raise AttnkitError(f"{self.name} has no decoding state")
+        if kind is WindowCache:
+            return WindowCache.empty(batch, kv_heads, dk, dv, window=self.window_size(), device=device, dtype=dtype)
+        if kind is KVCache:
+            return KVCache.empty(batch, kv_heads, dk, dv, device=device, dtype=dtype)
+        return RecurrentState.zeros(batch, kv_heads, self.state_dk(dk), dv, device=device)
+
+    def state_dk(self, dk: int) -> int:
+        """Key dimension of a recurrent state (the feature dimension of a kernel mechanism)."""
+        return dk
+
+    def window_size(self) -> int:
+        """Keys a window cache must keep (+1); only for WindowCache mechanisms."""
+        raise NotImplementedError
+
+    def check_state(self, state: State, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Raise ShapeError when a given state cannot continue a sequence with these k, v."""
+        b, _, hkv, dk = k.shape
+        dv = v.shape[-1]
+        if isinstance(state, KVCache):
+            want, got = (
+                (b, hkv, dk, dv),
+                (state.k.shape[0], state.k.shape[2], state.k.shape[3], state.v.shape[3]),
+            )
+        else:
+            assert isinstance(state, RecurrentState)
+            want = (b, hkv, self.state_dk(dk), dv)
+            got = tuple(state.S.shape)
+        if tuple(got) != want:
+            raise ShapeError(
+                f"state does not fit the inputs: it holds (batch, kv_heads, dk, dv) = {tuple(got)}, the call has {want}"
+            )
+        if state.tensors() and next(iter(state.tensors().values())).device != k.device:
+            raise ShapeError(f"state is on {next(iter(state.tensors().values())).device} but k is on {k.device}")
+
+    def _join_cache(self, x: AttentionInputs) -> tuple[AttentionInputs, State | None]:
+        """For KV-cache mechanisms: prepend the cached keys and return the next cache."""
+        kind = self.state_kind
+        if kind is None or not issubclass(kind, KVCache) or (x.state is None and not x.want_state):
+            return x, None
+        cache = x.state or self.init_state(
+            x.batch, x.kv_heads, x.k.shape[-1], x.v.shape[-1], device=x.k.device, dtype=x.k.dtype
+        )
+        assert isinstance(cache, KVCache)
+        keep = cache.window - 1 if isinstance(cache, WindowCache) else None
+        k, v, mask, nxt = cache.extend(x.k, x.v, x.key_padding_mask, keep=keep)
+        return x.replace(k=k, v=v, key_padding_mask=mask, q_offset=cache.length, state=None), nxt
+
+    # ---- cost formulas (used by the benchmark) -----------------------------------------------------
+
+    def flops(self, shape: Shape, pattern: Pattern) -> float:
+        """Useful forward FLOPs of one call (FlashAttention convention: 2 per multiply-add)."""
+        raise NotImplementedError
+
+    def state_bytes(self, shape: Shape, dtype: torch.dtype = torch.float32) -> int:
+        """Bytes of decoding state after ``shape.tk`` tokens (0 for mechanisms without state)."""
+        kind = self.state_kind
+        if kind is None:
+            return 0
+        if issubclass(kind, KVCache):
+            kept = min(shape.tk, self.window_size() - 1) if kind is WindowCache else shape.tk
+            elt = torch.empty(0, dtype=dtype).element_size()
+            return shape.batch * kept * shape.kv_heads * (shape.dk + shape.dv) * elt
+        return self.init_state(shape.batch, shape.kv_heads, shape.dk, shape.dv, device="meta").nbytes

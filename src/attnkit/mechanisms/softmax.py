@@ -1,0 +1,52 @@
+"""Softmax attention — Attention Is All You Need (Vaswani et al., 2017, arXiv:1706.03762).
+
+    out = softmax(scale * q k^T + mask) v,      scale = 1 / sqrt(Dk)
+
+The reference writes the masked softmax out; the ``sdpa`` path calls PyTorch's fused kernel
+(FlashAttention-style on CPU and GPU) on the ``[B, T, H, D]`` layout without copies.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..inputs import AttentionInputs
+from ..mechanism import Complexity, Mechanism, Paper, Shape, fast_path, register_mechanism
+from ..ops.gqa import repeat_kv
+from ..ops.masking import masked_softmax, visibility
+from ..ops.sdpa import masked_sdpa
+from ..patterns import ALL_PATTERNS, Pattern
+from ..state import KVCache
+
+
+def causal_factor(shape: Shape, pattern: Pattern) -> float:
+    """Share of (query, key) pairs a causal call computes, ~1/2 (FlashAttention's FLOP convention)."""
+    return 0.5 if pattern is Pattern.CAUSAL_SELF else 1.0
+
+
+@register_mechanism("softmax")
+class Softmax(Mechanism):
+    family = "softmax"
+    paper = Paper("Attention Is All You Need", 2017, "1706.03762")
+    patterns = ALL_PATTERNS
+    exact = True
+    state_kind = KVCache
+    complexity = Complexity(time="O(Tq·Tk·D)", memory="O(Tq + Tk) fused (reference: O(Tq·Tk))")
+
+    def reference(self, x: AttentionInputs):
+        compute = torch.float64 if x.q.dtype == torch.float64 else torch.float32
+        q = x.q.to(compute)
+        k = repeat_kv(x.k, x.groups).to(compute)  # [B, Tk, Hq, Dk]
+        v = repeat_kv(x.v, x.groups).to(compute)
+        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * x.scale  # [B, H, Tq, Tk]
+        probs = masked_softmax(scores, visibility(x))  # [B, H, Tq, Tk]
+        out = torch.einsum("bhqk,bkhd->bqhd", probs, v)  # [B, Tq, H, Dv]
+        return out.to(x.q.dtype), None
+
+    @fast_path("sdpa", priority=10)
+    def sdpa(self, x: AttentionInputs):
+        return masked_sdpa(x), None
+
+    def flops(self, shape: Shape, pattern: Pattern) -> float:
+        per_head = 2.0 * shape.tq * shape.tk * (shape.dk + shape.dv)
+        return shape.batch * shape.heads * per_head * causal_factor(shape, pattern)

@@ -1,0 +1,138 @@
+"""Helpers for testing mechanisms: the relative-RMSE check and the cases the conformance suite runs.
+
+Everything here is derived from the registry, so a new mechanism is tested without new test code.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .api import create
+from .inputs import AttentionInputs
+from .mechanism import REGISTRY, FastPath, Mechanism
+from .patterns import Pattern
+
+log = logging.getLogger(__name__)
+
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+
+
+def rel_rmse(ref: torch.Tensor, out: torch.Tensor, floor: float = 0.0) -> float:
+    """``||out - ref|| / max(||ref||, floor * sqrt(n))`` in fp64.
+
+    ``floor`` is the RMS below which a reference counts as zero-sized: a gradient that is zero up to
+    rounding (say, of a query with a single visible key) is then compared in absolute terms.
+    """
+    ref, out = ref.double(), out.double()
+    denom = max(ref.norm().item(), floor * ref.numel() ** 0.5)
+    diff = (out - ref).norm().item()
+    return diff / denom if denom > 0 else diff
+
+
+def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, ratio: float, floor: float = 1e-2) -> None:
+    """Fail unless ``out`` has ``ref``'s shape, no NaN/inf, and relative RMSE <= ratio.
+
+    The default ``floor`` suits unit-scale test inputs (outputs and gradients of order 0.1 to 1).
+    """
+    assert out.shape == ref.shape, f"{name}: shape {tuple(out.shape)} != reference {tuple(ref.shape)}"
+    assert torch.isfinite(out).all(), f"{name}: non-finite values"
+    err = rel_rmse(ref, out, floor)
+    log.info("%16s rel-rmse %.3e (limit %.1e)", name, err, ratio)
+    assert err <= ratio, f"{name}: relative RMSE {err:.3e} exceeds {ratio:.1e}"
+
+
+@dataclass(frozen=True)
+class Case:
+    """One mechanism configuration the conformance suite exercises."""
+
+    mechanism: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        if not self.options:
+            return self.mechanism
+        return self.mechanism + "[" + ",".join(f"{k}={v}" for k, v in sorted(self.options.items())) + "]"
+
+    def build(self, heads: int, head_dim: int) -> Mechanism:
+        torch.manual_seed(0)  # trainable mechanisms start from the same parameters every time
+        return create(self.mechanism, heads=heads, head_dim=head_dim, **self.options)
+
+    @property
+    def cls(self) -> type[Mechanism]:
+        return REGISTRY.get(self.mechanism)
+
+
+def cases(name: str = "*", *, kind: str = "attention") -> list[Case]:
+    """Every registered mechanism with each of its example option sets."""
+    out = []
+    for n in REGISTRY.names(name):
+        cls = REGISTRY.get(n)
+        if cls.kind == kind:
+            out.extend(Case(n, dict(opts)) for opts in cls.example_options)
+    return out
+
+
+def make_qkv(
+    batch: int,
+    tq: int,
+    tk: int,
+    heads: int,
+    kv_heads: int,
+    dk: int,
+    dv: int | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 42,
+    requires_grad: bool = False,
+    device: str | torch.device = "cpu",
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random ``q [B,Tq,H,Dk], k [B,Tk,Hkv,Dk], v [B,Tk,Hkv,Dv]`` from a fixed seed."""
+    g = torch.Generator().manual_seed(seed)
+    dv = dv or dk
+    shapes = ((batch, tq, heads, dk), (batch, tk, kv_heads, dk), (batch, tk, kv_heads, dv))
+    ts = [torch.randn(s, generator=g).to(device=device, dtype=dtype) for s in shapes]
+    for t in ts:
+        t.requires_grad_(requires_grad)
+    return ts[0], ts[1], ts[2]
+
+
+def probe_inputs(pattern: Pattern, tq: int = 8, tk: int = 8) -> AttentionInputs:
+    """Small inputs for asking a path whether it supports a pattern (no compute)."""
+    q, k, v = (torch.zeros(1, t, 2, 4) for t in (tq, tk, tk))
+    return AttentionInputs(q, k, v, pattern, 0.5, None, None, False)
+
+
+def paths_for(cls: type[Mechanism], mech: Mechanism, pattern: Pattern) -> list[FastPath]:
+    """The fast paths that accept ``pattern`` on plain inputs."""
+    x = probe_inputs(pattern, 8, 8 if pattern.is_self else 12)
+    return [p for p in cls._fast_paths if not p.not_supported_reasons(mech, x)]
+
+
+def pattern_path_grid(case_list: list[Case]) -> list[tuple[Case, Pattern, str]]:
+    """(case, pattern, path) for every supported pattern and every fast path that takes it."""
+    grid = []
+    for case in case_list:
+        mech = case.build(2, 4)
+        for pattern in sorted(case.cls.patterns, key=lambda p: p.value):
+            grid.extend((case, pattern, p.name) for p in paths_for(case.cls, mech, pattern))
+    return grid
+
+
+def random_chunks(total: int, seed: int) -> list[int]:
+    """Chunk sizes summing to ``total``, with several chunks of exactly 1 (decoding steps)."""
+    g = torch.Generator().manual_seed(seed)
+    sizes, left = [], total
+    for i in itertools.count():
+        if left == 0:
+            break
+        n = 1 if i % 3 == 1 else int(torch.randint(1, max(2, total // 3), (1,), generator=g))
+        n = min(n, left)
+        sizes.append(n)
+        left -= n
+    return sizes

@@ -1,0 +1,303 @@
+"""The conformance suite (DESIGN §2.1), generated from the registry.
+
+Every registered attention mechanism, with each of its example option sets, is checked here on every
+pattern it declares and every fast path that takes the pattern. A new mechanism needs no new code
+in this file.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attnkit import Pattern
+from attnkit.errors import UnsupportedPattern
+from attnkit.mechanism import Shape
+from attnkit.ops.gqa import repeat_kv
+from attnkit.state import KVCache
+from attnkit.testing import (
+    DTYPE_NAMES,
+    assert_close,
+    cases,
+    make_qkv,
+    pattern_path_grid,
+    random_chunks,
+    rel_rmse,
+)
+
+CASES = cases()
+GRID = pattern_path_grid(CASES)  # (case, pattern, fast path)
+STATE_GRID = [
+    (case, path)
+    for case in CASES
+    if case.cls.state_kind is not None
+    for path in ["reference"] + [p for c, pat, p in GRID if c == case and pat is Pattern.CAUSAL_SELF]
+]
+B, HQ, HKV = 2, 4, 2
+# (Tq, Tk, D): odd lengths, two head dims; cross shapes have Tq != Tk in both directions
+SELF_SHAPES = [(1, 1, 24), (7, 7, 64), (63, 63, 24), (200, 200, 64)]
+CROSS_SHAPES = [(1, 7, 24), (7, 63, 64), (63, 200, 24), (200, 31, 64)]
+GRAD_SLACK = 2.0  # gradients pass through one more reduction than outputs
+
+
+def grid_id(item) -> str:
+    case, pattern, path = item
+    return f"{case.label}-{pattern.value}-{path}"
+
+
+def sizes_id(i: int) -> str:
+    return "T{}x{}-D{}".format(*SELF_SHAPES[i]) + "|T{}x{}".format(*CROSS_SHAPES[i][:2])
+
+
+@pytest.mark.parametrize("shape_i", range(len(SELF_SHAPES)), ids=sizes_id)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=DTYPE_NAMES.get)
+@pytest.mark.parametrize("item", GRID, ids=grid_id)
+def test_fast_path_matches_reference(item, dtype, shape_i):
+    """Forward output and input gradients of each fast path against the reference."""
+    case, pattern, path = item
+    tq, tk, d = (SELF_SHAPES if pattern.is_self else CROSS_SHAPES)[shape_i]
+    mech = case.build(HQ, d)
+    tol = mech.tolerances[dtype]
+    q, k, v = make_qkv(B, tq, tk, HQ, HKV, d, dtype=dtype, requires_grad=True)
+
+    ref = mech(q, k, v, pattern=pattern, path="reference")
+    assert mech.last_path == "reference"
+    grad_out = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), grad_out, allow_unused=True)
+
+    out = mech(q, k, v, pattern=pattern, path=path)
+    assert mech.last_path == path
+    assert out.dtype == dtype and out.shape == (B, tq, HQ, d)
+    assert_close("out", ref, out, tol)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out, allow_unused=True)
+    for name, r, f in zip(("dq", "dk", "dv"), ref_grads, grads, strict=True):
+        if r is None:
+            assert f is None, f"{name}: the path has a gradient where the reference has none"
+            continue
+        assert_close(name, r, f, tol * GRAD_SLACK)
+
+
+@pytest.mark.parametrize("item", GRID, ids=grid_id)
+def test_fp16_forward(item):
+    case, pattern, path = item
+    mech = case.build(HQ, 24)
+    q, k, v = make_qkv(B, 33, 33 if pattern.is_self else 21, HQ, HKV, 24, dtype=torch.float16)
+    ref = mech(q, k, v, pattern=pattern, path="reference")
+    assert_close("out", ref, mech(q, k, v, pattern=pattern, path=path), mech.tolerances[torch.float16])
+
+
+@pytest.mark.parametrize("item", GRID, ids=grid_id)
+def test_pattern_contract(item):
+    """CAB's truncation checks: causal patterns never let a later query or key change an earlier output."""
+    case, pattern, path = item
+    t, d = 40, 24
+    mech = case.build(HQ, d)
+    tol = mech.tolerances[torch.float32]
+    q, k, v = make_qkv(B, t, t if pattern.is_self else 29, HQ, HKV, d)
+    full = mech(q, k, v, pattern=pattern, path=path)
+    assert torch.isfinite(full).all()
+    if pattern is Pattern.CAUSAL_SELF:
+        for i in (0, 1, 20, t - 1):
+            short = mech(q[:, : i + 1], k[:, : i + 1], v[:, : i + 1], pattern=pattern, path=path)
+            assert_close(f"prefix {i + 1}", full[:, i], short[:, i], tol)
+    elif pattern is Pattern.CAUSAL_CROSS:
+        for i in (0, 1, 20, t - 1):
+            short = mech(q[:, : i + 1], k, v, pattern=pattern, path=path)
+            assert_close(f"queries {i + 1}", full[:, i], short[:, i], tol)
+    else:
+        # noncausal: the first query must see past itself (the later keys change its output)
+        k2, v2 = k.clone(), v.clone()
+        k2[:, 1:] += torch.randn_like(k2[:, 1:])
+        v2[:, 1:] += torch.randn_like(v2[:, 1:])
+        moved = mech(q, k2, v2, pattern=pattern, path=path)
+        assert rel_rmse(full[:, 0], moved[:, 0]) > 1e-3, "output ignores every key after the first"
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.label)
+def test_unsupported_patterns_raise(case):
+    mech = case.build(HQ, 16)
+    missing = [p for p in Pattern if p not in case.cls.patterns]
+    for pattern in missing:
+        q, k, v = make_qkv(1, 8, 8, HQ, HKV, 16)
+        for path in ["auto", "reference"]:
+            with pytest.raises(UnsupportedPattern) as err:
+                mech(q, k, v, pattern=pattern, path=path)
+            msg = str(err.value)
+            assert case.mechanism in msg and pattern.value in msg
+            assert all(p.value in msg for p in case.cls.patterns), msg
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["dense", "padded"])
+@pytest.mark.parametrize("item", STATE_GRID, ids=lambda it: f"{it[0].label}-{it[1]}")
+def test_chunked_state_equals_full_call(item, masked):
+    """Random chunk sizes (several of 1) with state reproduce one full causal call: outputs, grads, state."""
+    case, path = item
+    t, d = 50, 24
+    mech = case.build(HQ, d)
+    tol = mech.tolerances[torch.float32]
+    q, k, v = make_qkv(B, t, t, HQ, HKV, d, requires_grad=True)
+    kpm = None
+    if masked:
+        kpm = torch.rand(B, t, generator=torch.Generator().manual_seed(3)) > 0.3
+        kpm[0, :4] = False  # the first queries of row 0 see no real key at all
+    full = mech(q, k, v, pattern=Pattern.CAUSAL_SELF, key_padding_mask=kpm, path=path)
+    g = torch.randn_like(full)
+    full_grads = torch.autograd.grad(full, (q, k, v), g)
+
+    state, outs, start = None, [], 0
+    for n in random_chunks(t, seed=7):
+        sl = slice(start, start + n)
+        mask = None if kpm is None else kpm[:, sl]
+        o, state = mech(
+            q[:, sl],
+            k[:, sl],
+            v[:, sl],
+            pattern="causal_self",
+            key_padding_mask=mask,
+            state=state,
+            return_state=True,
+            path=path,
+        )
+        assert mech.last_path == path
+        outs.append(o)
+        start += n
+    chunked = torch.cat(outs, dim=1)
+    assert_close("chunked out", full, chunked, tol)
+    for name, r, f in zip(("dq", "dk", "dv"), full_grads, torch.autograd.grad(chunked, (q, k, v), g), strict=True):
+        assert_close(f"chunked {name}", r, f, tol * GRAD_SLACK)
+
+    assert state.offset == t
+    _, ref_state = mech(q, k, v, pattern="causal_self", key_padding_mask=kpm, return_state=True, path="reference")
+    assert type(state) is type(ref_state)
+    for name, ref_t in ref_state.tensors().items():
+        assert_close(f"state.{name}", ref_t.detach(), state.tensors()[name].detach(), tol)
+    if not masked:
+        shape = Shape(B, t, t, HQ, HKV, d, d)
+        assert state.nbytes == mech.state_bytes(shape, q.dtype)
+
+
+@pytest.mark.parametrize("item", GRID, ids=grid_id)
+def test_key_padding(item):
+    """Padded keys change nothing; a row whose keys are all padded gives zeros, never NaN."""
+    case, pattern, path = item
+    t, tk, d, left, right = 20, 17, 24, 3, 4
+    mech = case.build(HQ, d)
+    tol = mech.tolerances[torch.float32]
+    q, k, v = make_qkv(B, t, t if pattern.is_self else tk, HQ, HKV, d)
+    real = mech(q, k, v, pattern=pattern, path=path)
+
+    def pad(x):  # random garbage at both ends along time
+        return torch.cat([torch.randn_like(x[:, :left]) * 5, x, torch.randn_like(x[:, :right]) * 5], dim=1)
+
+    kp, vp = pad(k), pad(v)
+    qp = pad(q) if pattern.is_self else q
+    kpm = torch.zeros(B, kp.shape[1], dtype=torch.bool)
+    kpm[:, left : left + k.shape[1]] = True
+    out = mech(qp, kp, vp, pattern=pattern, key_padding_mask=kpm, path=path)
+    got = out[:, left : left + t] if pattern.is_self else out
+    assert_close("padded", real, got, tol)
+
+    qp.requires_grad_(True), kp.requires_grad_(True), vp.requires_grad_(True)
+    kpm[1] = False  # every key of batch row 1 is padding
+    out = mech(qp, kp, vp, pattern=pattern, key_padding_mask=kpm, path=path)
+    assert torch.isfinite(out).all(), "NaN/inf where all keys are padded"
+    assert out[1].abs().max() == 0, "a query that sees no real key must output zeros"
+    grads = torch.autograd.grad(out.sum(), (qp, kp, vp), allow_unused=True)
+    assert all(gr is None or torch.isfinite(gr).all() for gr in grads), "non-finite gradients"
+
+
+@pytest.mark.parametrize("item", GRID, ids=grid_id)
+def test_gqa_equals_repeated_kv(item):
+    """Hq = 4 * Hkv gives what repeating each key/value head 4 times gives."""
+    case, pattern, path = item
+    hq, hkv, d = 4, 1, 24
+    mech = case.build(hq, d)
+    q, k, v = make_qkv(B, 19, 19 if pattern.is_self else 23, hq, hkv, d)
+    grouped = mech(q, k, v, pattern=pattern, path=path)
+    repeated = mech(q, repeat_kv(k, hq // hkv), repeat_kv(v, hq // hkv), pattern=pattern, path=path)
+    assert_close("gqa", repeated, grouped, mech.tolerances[torch.float32])
+
+
+def test_every_mechanism_is_exercised():
+    """Guard against an empty grid: every mechanism contributes at least one (pattern, path) case."""
+    covered = {c.mechanism for c, _, _ in GRID}
+    assert covered == {c.mechanism for c in CASES}
+
+
+def _bad_calls(pattern: Pattern):
+    """(label, kwargs for mech(...), error class, words the message must contain)."""
+    from attnkit.errors import DTypeError, InvalidOption, ShapeError
+
+    tk = 8 if pattern.is_self else 11
+    q, k, v = make_qkv(2, 8, tk, 4, 2, 16)
+    ok = dict(q=q, k=k, v=v, pattern=pattern)
+    return [
+        ("q is 3-D", {**ok, "q": q[0]}, ShapeError, ["q", "4-D", "(8, 4, 16)"]),
+        ("batch sizes differ", {**ok, "k": k[:1], "v": v[:1]}, ShapeError, ["batch", "2, 1"]),
+        (
+            "heads not a multiple",
+            {**ok, "k": k[:, :, :1].expand(-1, -1, 3, -1), "v": v[:, :, :1].expand(-1, -1, 3, -1)},
+            ShapeError,
+            ["4 heads", "3", "multiple"],
+        ),
+        ("head dims differ", {**ok, "k": k[..., :8]}, ShapeError, ["head dim", "16", "8"]),
+        ("k, v lengths differ", {**ok, "v": v[:, :5]}, ShapeError, ["same length", f"{tk}", "5"]),
+        ("int dtype", {**ok, "q": q.long()}, DTypeError, ["int64", "float32"]),
+        ("mixed dtypes", {**ok, "k": k.double()}, DTypeError, ["float64", "float32"]),
+        (
+            "mask shape",
+            {**ok, "key_padding_mask": torch.ones(2, tk + 1, dtype=torch.bool)},
+            ShapeError,
+            ["key_padding_mask", f"(2, {tk})", f"(2, {tk + 1})"],
+        ),
+        ("mask dtype", {**ok, "key_padding_mask": torch.ones(2, tk)}, DTypeError, ["bool", "float32"]),
+        ("unknown pattern", {**ok, "pattern": "causal"}, InvalidOption, ["'causal'", "causal_self"]),
+        ("unknown path", {**ok, "path": "fastest"}, InvalidOption, ["'fastest'", "reference"]),
+        ("negative scale", {**ok, "scale": -1.0}, InvalidOption, ["scale", "-1.0"]),
+        (
+            "empty sequence",
+            {**ok, "q": q[:, :0], **({"k": k[:, :0], "v": v[:, :0]} if pattern.is_self else {})},
+            ShapeError,
+            ["Tq=0"],
+        ),
+    ]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.label)
+def test_bad_inputs_raise_clear_errors(case):
+    from attnkit.errors import InvalidOption, ShapeError
+
+    mech = case.build(4, 16)
+    pattern = sorted(case.cls.patterns, key=lambda p: not p.is_self)[0]
+    for label, kwargs, error, words in _bad_calls(pattern):
+        if label == "negative scale" and not case.cls.uses_scale:
+            words = ["does not use a score scale"]
+        with pytest.raises(error) as err:
+            mech(**kwargs)
+        msg = str(err.value)
+        assert all(w in msg for w in words), f"{label}: message {msg!r} lacks {words}"
+    if pattern.is_self:  # a self pattern with a separate context length
+        q, k, v = make_qkv(2, 8, 9, 4, 2, 16)
+        with pytest.raises(ShapeError, match="Tq=8, Tk=9"):
+            mech(q, k, v, pattern=pattern)
+    # decoding state outside causal_self, and a state of the wrong kind
+    q, k, v = make_qkv(2, 8, 8, 4, 2, 16)
+    other = [p for p in case.cls.patterns if p is not Pattern.CAUSAL_SELF]
+    if other:
+        expected = "causal_self" if case.cls.state_kind else "no decoding state"
+        with pytest.raises(InvalidOption, match=expected):
+            mech(q, k, v, pattern=other[0], return_state=True)
+    if Pattern.CAUSAL_SELF in case.cls.patterns and case.cls.state_kind is not None:
+        wrong = KVCache.empty(2, 2, 16, 16) if case.cls.state_kind is not KVCache else _recurrent_state()
+        with pytest.raises(InvalidOption, match=case.cls.state_kind.__name__):
+            mech(q, k, v, pattern="causal_self", state=wrong)
+        _, st = mech(q, k, v, pattern="causal_self", return_state=True)
+        q3, k3, v3 = make_qkv(3, 2, 2, 4, 2, 16)
+        with pytest.raises(ShapeError, match="state does not fit"):
+            mech(q3, k3, v3, pattern="causal_self", state=st)
+
+
+def _recurrent_state():
+    from attnkit.state import RecurrentState
+
+    return RecurrentState.zeros(2, 2, 16, 16)

@@ -1,0 +1,98 @@
+"""Shared pieces: banded attention, the chunked scan, masks, options, the registry."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from attnkit.errors import AttnkitError, UnknownMechanism
+from attnkit.ops.banded import band_pairs, banded_attention
+from attnkit.ops.chunked import causal_linear_scan
+from attnkit.options import option_docs
+from attnkit.patterns import and_masks, causal, dense_mask, window
+from attnkit.registry import Registry
+from attnkit.testing import assert_close, make_qkv
+
+
+def test_band_pairs_counts_exactly():
+    for t in (1, 2, 5, 17, 40):
+        for before in (0, 1, 3, 20, 50):
+            for after in (0, 2, 19, 60):
+                brute = sum(1 for i in range(t) for j in range(t) if i - before <= j <= i + after)
+                assert band_pairs(t, before, after) == brute
+
+
+def dense_band(q, k, v, before, after, q_offset, kpm, scale):
+    mask = dense_mask(lambda i, j: (j >= i - before) & (j <= i + after), q.shape[1], k.shape[1], q_offset=q_offset)
+    mask = mask[None, None] & (kpm[:, None, None, :] if kpm is not None else True)
+    g = q.shape[2] // k.shape[2]
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k.repeat_interleave(g, 2)) * scale
+    p = torch.where(mask.any(-1, keepdim=True), s.masked_fill(~mask, float("-inf")).softmax(-1), 0.0)
+    return torch.einsum("bhqk,bkhd->bqhd", p, v.repeat_interleave(g, 2))
+
+
+@pytest.mark.parametrize(
+    ("tq", "tk", "before", "after", "offset", "block"),
+    [(37, 37, 5, 0, 0, 8), (37, 37, 4, 4, 0, 16), (10, 25, 6, 0, 15, 4), (10, 25, 2, 0, 15, 64), (9, 9, 20, 20, 0, 3),
+     (1, 30, 7, 0, 29, 64), (50, 50, 0, 0, 0, 7)],
+)  # fmt: skip
+def test_banded_attention_matches_dense_mask(tq, tk, before, after, offset, block):
+    q, k, v = make_qkv(2, tq, tk, 4, 2, 8)
+    kpm = torch.rand(2, tk, generator=torch.Generator().manual_seed(0)) > 0.3
+    for mask in (None, kpm):
+        out = banded_attention(q, k, v, before=before, after=after, scale=0.3, q_offset=offset,
+                               key_padding_mask=mask, block=block)  # fmt: skip
+        assert_close("band", dense_band(q, k, v, before, after, offset, mask, 0.3), out, 1e-5)
+
+
+def naive_scan(q, k, v, s0):
+    g = q.shape[2] // k.shape[2]
+    S = s0.repeat_interleave(g, 1).clone()
+    k, v = k.repeat_interleave(g, 2), v.repeat_interleave(g, 2)
+    outs = []
+    for t in range(q.shape[1]):
+        S = S + torch.einsum("bhd,bhe->bhde", k[:, t], v[:, t])
+        outs.append(torch.einsum("bhd,bhde->bhe", q[:, t], S))
+    return torch.stack(outs, 1), S
+
+
+@pytest.mark.parametrize(("t", "chunk"), [(1, 4), (13, 4), (64, 64), (70, 16)])
+def test_causal_linear_scan_matches_the_recurrence(t, chunk):
+    q, k, v = make_qkv(2, t, t, 4, 2, 8, dv=5, dtype=torch.float64)
+    s0 = torch.randn(2, 2, 8, 5, dtype=torch.float64)
+    out, final = causal_linear_scan(q, k, v, s0, chunk=chunk)
+    ref, ref_final = naive_scan(q, k, v, s0)
+    assert_close("out", ref, out, 1e-12)
+    assert_close("state", ref_final[:, ::2], final, 1e-12)
+
+
+def test_mask_predicates_compose():
+    m = dense_mask(and_masks(causal, window(3, causal=True)), 5, 5)
+    expected = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [0, 1, 1, 1, 0], [0, 0, 1, 1, 1]])
+    assert torch.equal(m, expected.bool())
+    assert dense_mask(None, 3, 3) is None and and_masks(None, None) is None
+    shifted = dense_mask(causal, 2, 5, q_offset=3)  # two queries after three cached keys
+    assert shifted.tolist() == [[True] * 4 + [False], [True] * 5]
+
+
+def test_option_docs_reads_field_comments():
+    @dataclasses.dataclass(frozen=True)
+    class Opts:
+        size: int = 3  # how big it is
+        name: str = "x"  # what it is called, with: punctuation
+
+    assert option_docs(Opts) == {"size": "how big it is", "name": "what it is called, with: punctuation"}
+
+
+def test_registry_is_loud():
+    reg: Registry[int] = Registry("widget", "attnkit.mechanisms")
+    reg._discovered = True  # no discovery: just this test's entries
+    reg.register("alpha")(1)
+    reg.register("alphabet")(2)
+    assert reg.names("alpha*") == ["alpha", "alphabet"] and "alpha" in reg
+    with pytest.raises(UnknownMechanism, match="unknown widget 'alpah'. Did you mean 'alpha'"):
+        reg.get("alpah")
+    with pytest.raises(AttnkitError, match="registered twice"):
+        reg.register("alpha")(3)
