@@ -15,7 +15,8 @@ from attnkit.testing import assert_close, make_qkv
 def formula(q, k, v, causal, bias=None):
     b, t, h, d = q.shape
     s = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) / math.sqrt(d)
-    n = torch.arange(1, t + 1, dtype=torch.float64)[:, None] if causal else torch.tensor(float(k.shape[1]), dtype=torch.float64)
+    f64 = torch.float64
+    n = torch.arange(1, t + 1, dtype=f64)[:, None] if causal else torch.tensor(float(k.shape[1]), dtype=f64)
     s = s + (bias if bias is not None else -torch.log(n))
     w = torch.sigmoid(s)
     if causal:
