@@ -74,9 +74,12 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise AttnkitError("--device cuda: no CUDA device is visible to torch")
+    where = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(
-        f"Speed of each mechanism's fast path against SDPA softmax (forward, B=1, H=8, D=64, fp32,"
-        f" {torch.get_num_threads()} threads, median of {args.runs}).",
+        f"Speed of each mechanism's fast path against SDPA softmax (forward, B=1, H=8, D=64, {args.dtype},"
+        f" {where}, median of {args.runs}).",
         flush=True,
     )
 
@@ -84,7 +87,16 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         if i < n:
             print(f"  [{i + 1}/{n}] {what}", file=sys.stderr, flush=True)
 
-    rows = list(speed_table(args.lengths, names=args.mechanisms, runs=args.runs, progress=progress))
+    rows = list(
+        speed_table(
+            args.lengths,
+            names=args.mechanisms,
+            runs=args.runs,
+            device=args.device,
+            dtype=getattr(torch, args.dtype),
+            progress=progress,
+        )
+    )
     print(format_table(rows))
     return 0
 
@@ -137,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mechanisms", default="*", metavar="GLOB", help="wildcard on mechanism names (default: all)")
     p.add_argument("--runs", type=_positive_int, default=5, help="timed runs per case (default: 5)")
     p.add_argument("--threads", type=_positive_int, default=None, help="torch threads (default: torch's choice)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where to run (default: cpu)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="input dtype")
     p.set_defaults(func=_cmd_demo)
     return parser
 

@@ -44,6 +44,8 @@ def speed_table(
     heads: int = 8,
     head_dim: int = 64,
     runs: int = 5,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
     progress: Callable[[int, int, str], None] | None = None,
 ) -> Iterator[SpeedRow]:
     """Time the forward pass of each mechanism's default path and of SDPA, interleaved per case."""
@@ -59,12 +61,12 @@ def speed_table(
     for i, (name, pattern, t) in enumerate(cases):
         if progress:
             progress(i, len(cases), f"{name} {pattern.value} T={t}")
-        mech = create(name, heads=heads, head_dim=head_dim, **TABLE_OPTIONS.get(name, {}))
-        q, k, v = make_qkv(batch, t, t, heads, heads, head_dim)
+        mech = create(name, heads=heads, head_dim=head_dim, **TABLE_OPTIONS.get(name, {})).to(device)
+        q, k, v = make_qkv(batch, t, t, heads, heads, head_dim, dtype=dtype, device=device)
         with torch.no_grad():
-            mine = time_fn(lambda: mech(q, k, v, pattern=pattern), runs=runs)  # noqa: B023
+            mine = time_fn(lambda: mech(q, k, v, pattern=pattern), runs=runs, device=device)  # noqa: B023
             path = mech.last_path or "?"
-            base = time_fn(lambda: sdpa(q, k, v, pattern=pattern), runs=runs)  # noqa: B023
+            base = time_fn(lambda: sdpa(q, k, v, pattern=pattern), runs=runs, device=device)  # noqa: B023
         flops = mech.flops(Shape(batch, t, t, heads, heads, head_dim, head_dim), pattern)
         yield SpeedRow(name, path, pattern.value, t, mine.median_ms, base.median_ms, flops / mine.median_ms / 1e6)
     if progress:
