@@ -6,6 +6,8 @@ import dataclasses
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from attnkit.errors import AttnkitError, UnknownMechanism
 from attnkit.ops.banded import band_pairs, banded_attention
@@ -96,3 +98,34 @@ def test_registry_is_loud():
         reg.get("alpah")
     with pytest.raises(AttnkitError, match="registered twice"):
         reg.register("alpha")(3)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    tq=st.integers(1, 40),
+    extra_keys=st.integers(0, 30),
+    before=st.integers(0, 45),
+    after=st.integers(0, 45),
+    block=st.integers(1, 70),
+    padded=st.booleans(),
+)
+def test_banded_attention_property(tq, extra_keys, before, after, block, padded):
+    """Any band, offset and block size: the blocked computation equals the dense masked softmax."""
+    tk = tq + extra_keys
+    offset = extra_keys  # queries are the last tq positions, as after a cache
+    q, k, v = make_qkv(1, tq, tk, 2, 1, 4, dtype=torch.float64)
+    kpm = (torch.rand(1, tk, generator=torch.Generator().manual_seed(tq)) > 0.4) if padded else None
+    out = banded_attention(q, k, v, before=before, after=after, scale=0.5, q_offset=offset, key_padding_mask=kpm,
+                           block=block)  # fmt: skip
+    assert_close("band", dense_band(q, k, v, before, after, offset, kpm, 0.5), out, 1e-10)
+
+
+@settings(max_examples=30, deadline=None)
+@given(t=st.integers(1, 50), chunk=st.integers(1, 64), groups=st.sampled_from([1, 2, 4]))
+def test_causal_linear_scan_property(t, chunk, groups):
+    q, k, v = make_qkv(1, t, t, 4, 4 // groups, 4, dv=3, dtype=torch.float64)
+    s0 = torch.randn(1, 4 // groups, 4, 3, dtype=torch.float64)
+    out, final = causal_linear_scan(q, k, v, s0, chunk=chunk)
+    ref, ref_final = naive_scan(q, k, v, s0)
+    assert_close("out", ref, out, 1e-12)
+    assert_close("state", ref_final[:, ::groups], final, 1e-12)

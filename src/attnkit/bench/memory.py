@@ -1,7 +1,10 @@
 """Peak memory of one attention call.
 
-CPU: a fresh Python subprocess per case; the peak resident set (``ru_maxrss``) after the call minus
-the peak after building the inputs, so the interpreter, torch and the inputs are not counted.
+CPU: a fresh Python subprocess per case. After the inputs are built, the peak resident set is reset
+(``/proc/self/clear_refs``) and the call's peak is the high-water mark (``VmHWM``) minus the resident
+set just before the call, so the interpreter, torch and the inputs are not counted. ``ru_maxrss``
+alone would not do: a child inherits its parent's peak across fork and exec, so a child of a big
+process reports nothing. Where /proc is missing, ``ru_maxrss`` minus the baseline is the fallback.
 GPU: ``torch.cuda.max_memory_allocated`` around the call, minus what was allocated before it.
 """
 
@@ -15,18 +18,47 @@ from dataclasses import asdict, dataclass
 import torch
 
 _CHILD = r"""
-import json, resource, sys
+import json, sys
 import torch
 import attnkit
-from attnkit.bench.memory import run_case
+from attnkit.bench.memory import call_peak_bytes, run_case
 spec = json.loads(sys.argv[1])
 torch.set_num_threads(spec.pop("threads"))
-fn = run_case(spec)
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-fn()
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print(json.dumps({"peak_bytes": (peak - base) * 1024, "path": attnkit.last_path()}))
+peak = call_peak_bytes(run_case(spec))
+print(json.dumps({"peak_bytes": peak, "path": attnkit.last_path()}))
 """
+
+
+def _status_kib(field: str) -> int | None:
+    """A ``kB`` field of /proc/self/status (VmRSS, VmHWM), or None where there is no /proc."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def call_peak_bytes(fn) -> int:
+    """Peak resident memory that calling ``fn`` adds above the memory in use just before it."""
+    import gc
+    import resource
+
+    gc.collect()
+    base = _status_kib("VmRSS")
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the high-water mark to the current resident set
+        resettable = base is not None
+    except OSError:
+        resettable = False
+    if not resettable:  # fall back to ru_maxrss (inherits the parent's peak: only right in a lean parent)
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    fn()
+    peak = _status_kib("VmHWM") if resettable else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return max(0, peak - base) * 1024
 
 
 @dataclass(frozen=True)

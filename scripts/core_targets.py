@@ -1,0 +1,84 @@
+"""Measure the performance targets of the core issue on this machine (not a test: timings are noisy).
+
+    .venv/bin/python scripts/core_targets.py            # all figures, ~3 minutes on 2 cores
+
+B=1, H=8, D=64, fp32, forward. Each comparison interleaves the two candidates for several rounds and
+keeps each one's best median, so machine noise hits both alike. Peak memory is measured in a fresh
+subprocess per case (ru_maxrss above the subprocess's baseline after building the inputs).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import attnkit
+from attnkit.bench.memory import CallSpec, peak_memory_cpu
+from attnkit.bench.timing import time_fn
+from attnkit.testing import make_qkv
+
+B, H, D = 1, 8, 64
+
+
+def best_of(rounds: int, **candidates) -> dict[str, float]:
+    best = {name: float("inf") for name in candidates}
+    for _ in range(rounds):
+        for name, fn in candidates.items():
+            best[name] = min(best[name], time_fn(fn, runs=5).median_ms)
+    return best
+
+
+def softmax_overhead() -> None:
+    print("softmax via attnkit vs F.scaled_dot_product_attention on [B, H, T, D] tensors")
+    for t in (1024, 2048, 4096, 8192):
+        for causal in (False, True):
+            q, k, v = make_qkv(B, t, t, H, H, D)
+            qh, kh, vh = (x.transpose(1, 2).contiguous() for x in (q, k, v))
+            pattern = "causal_self" if causal else "noncausal_self"
+            r = best_of(
+                3 if t <= 4096 else 2,
+                direct=lambda: F.scaled_dot_product_attention(qh, kh, vh, is_causal=causal),  # noqa: B023
+                attnkit=lambda: attnkit.attend(q, k, v, pattern=pattern),  # noqa: B023
+            )
+            print(f"  T={t:5d} {pattern:15s} direct {r['direct']:8.1f} ms  attnkit {r['attnkit']:8.1f} ms"
+                  f"  ratio {r['attnkit'] / r['direct']:.3f}")
+
+
+def versus_sdpa(name: str, pattern: str, lengths, **options) -> None:
+    for t in lengths:
+        q, k, v = make_qkv(B, t, t, H, H, D)
+        r = best_of(
+            2,
+            mech=lambda: attnkit.attend(q, k, v, name, pattern=pattern, **options),  # noqa: B023
+            sdpa=lambda: attnkit.attend(q, k, v, pattern=pattern),  # noqa: B023
+        )
+        attnkit.attend(q, k, v, name, pattern=pattern, **options)
+        print(f"  {name} {pattern} T={t}: {r['mech']:.1f} ms ({attnkit.last_path()}), SDPA {r['sdpa']:.1f} ms,"
+              f" SDPA/{name} = {r['sdpa'] / r['mech']:.2f}")
+
+
+def memory(name: str, lengths, **options) -> None:
+    for backward in (False, True):
+        row = []
+        for t in lengths:
+            peak, path = peak_memory_cpu(CallSpec(name, "causal_self", B, t, t, H, H, D, options=options,
+                                                  backward=backward), threads=2)  # fmt: skip
+            row.append(f"T={t}: {peak / 2**20:.0f} MiB")
+        print(f"  {name} ({path}) peak memory {'fwd+bwd' if backward else 'fwd'}: " + ", ".join(row))
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(2)
+    with torch.no_grad():
+        softmax_overhead()
+        print("linear, causal")
+        versus_sdpa("linear", "causal_self", (4096, 8192))
+        print("sliding_window (window 256), causal")
+        versus_sdpa("sliding_window", "causal_self", (4096, 8192), window=256)
+        print("sigmoid blocked vs SDPA softmax, T = 4096")
+        versus_sdpa("sigmoid", "noncausal_self", (4096,))
+        versus_sdpa("sigmoid", "causal_self", (4096,))
+    print("peak memory (causal)")
+    memory("linear", (4096, 8192, 16384))
+    memory("sliding_window", (4096, 8192, 16384), window=256)
+    memory("softmax", (4096, 8192, 16384))
