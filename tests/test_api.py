@@ -14,9 +14,23 @@ from attnkit.testing import make_qkv
 
 
 def test_public_names():
-    for name in ["attend", "create", "Attention", "mechanisms", "info", "Pattern", "last_path", "AttnkitError",
-                 "ShapeError", "UnsupportedPattern", "UnknownMechanism", "InvalidOption", "KVCache",
-                 "WindowCache", "RecurrentState"]:  # fmt: skip
+    for name in [
+        "attend",
+        "create",
+        "Attention",
+        "mechanisms",
+        "info",
+        "Pattern",
+        "last_path",
+        "AttnkitError",
+        "ShapeError",
+        "UnsupportedPattern",
+        "UnknownMechanism",
+        "InvalidOption",
+        "KVCache",
+        "WindowCache",
+        "RecurrentState",
+    ]:
         assert hasattr(attnkit, name), name
 
 
@@ -224,3 +238,24 @@ def test_mechanisms_function_survives_submodule_imports():
 
     importlib.import_module("attnkit.mechanisms.softmax")
     assert callable(attnkit.mechanisms) and attnkit.mechanisms("softmax")[0].name == "softmax"
+
+
+def test_kv_cache_buffer_never_rewrites_rows_another_state_sees():
+    """Decoding without grad appends in place; extending an older state again must not corrupt the newer one."""
+    q, k, v = make_qkv(1, 12, 12, 2, 2, 8)
+    with torch.no_grad():
+        _, s8 = attnkit.attend(q[:, :8], k[:, :8], v[:, :8], pattern="causal_self", return_state=True)
+        out_a, s9a = attnkit.attend(q[:, 8:9], k[:, 8:9], v[:, 8:9], pattern="causal_self", state=s8, return_state=True)
+        assert s9a._buffer is s8._buffer  # appended in place
+        other = torch.randn_like(k[:, 8:9])
+        _, s9b = attnkit.attend(q[:, 8:9], other, other, pattern="causal_self", state=s8, return_state=True)
+        assert s9b._buffer is not s9a._buffer  # a branch gets its own storage
+        torch.testing.assert_close(s9a.k, k[:, :9])  # the first branch still sees its own keys
+        torch.testing.assert_close(s9b.k[:, 8:], other)
+        full = attnkit.attend(q[:, :10], k[:, :10], v[:, :10], pattern="causal_self")
+        step, _ = attnkit.attend(
+            q[:, 9:10], k[:, 9:10], v[:, 9:10], pattern="causal_self", state=s9a, return_state=True
+        )
+    torch.testing.assert_close(step[:, 0], full[:, 9])
+    moved = s9a.to(torch.float64)
+    assert moved._buffer is None and moved.k.dtype == torch.float64

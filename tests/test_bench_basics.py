@@ -26,7 +26,8 @@ def test_call_peak_bytes_sees_an_allocation():
 def test_subprocess_probe_is_not_fooled_by_a_big_parent():
     ballast = torch.ones(300 * 2**20 // 4)  # the parent's peak must not hide the child's
     small, _ = peak_memory_cpu(CallSpec("softmax", "noncausal_self", 1, 256, 256, 2, 2, 16))
-    big, path = peak_memory_cpu(CallSpec("sliding_window", "causal_self", 1, 4096, 4096, 8, 8, 64,
-                                         options={"window": 64}, backward=True))  # fmt: skip
+    big, path = peak_memory_cpu(
+        CallSpec("sliding_window", "causal_self", 1, 4096, 4096, 8, 8, 64, options={"window": 64}, backward=True)
+    )
     assert path == "blocked" and big > 10 * 2**20 and big > 4 * small
     del ballast

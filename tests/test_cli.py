@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -44,26 +45,73 @@ def test_unknown_name_is_a_clear_error(capsys):
     assert code == 2 and "Did you mean 'sliding_window'" in err
 
 
-def test_demo_runs_a_small_table(capsys):
-    code, out, err = run(capsys, "demo", "--lengths", "16", "32", "--runs", "1", "--mechanisms", "s*")
-    assert code == 0
-    assert "sliding_window" in out and "vs SDPA" in out and "[1/" in err
-    rows = [line for line in out.splitlines() if line.startswith(("sigmoid", "sliding_window", "softmax"))]
-    assert len(rows) == 3 * 2 * 2  # mechanisms x (NS, CS) x lengths
+def test_bench_report_export_end_to_end(tmp_path, capsys):
+    db, html = tmp_path / "r.sqlite", tmp_path / "report.html"
+    code, out, err = run(
+        capsys,
+        "bench",
+        "speed",
+        "--mechanisms",
+        "sliding_window",
+        "--patterns",
+        "causal_self",
+        "--lengths",
+        "32",
+        "64",
+        "--modes",
+        "fwd",
+        "decode",
+        "--decode-lengths",
+        "16",
+        "--runs",
+        "1",
+        "--db",
+        str(db),
+        "--no-progress",
+    )
+    assert code == 0, err
+    assert "measured" in out and "0 failed" in out
+    code, out, _ = run(capsys, "report", "--db", str(db), "--out", str(html))
+    assert code == 0 and str(html) in out and html.stat().st_size > 5000
+    code, out, _ = run(capsys, "export", "--db", str(db), "--format", "csv")
+    lines = out.strip().splitlines()
+    # (sliding_window dense, blocked, SDPA, naive) x 2 lengths + 1 decode row, after the header
+    assert lines[0].startswith("id,schema_version,run_id") and len(lines) == 1 + 4 * 2 + 1
+    code, out, _ = run(capsys, "export", "--db", str(db), "--format", "json", "--kind", "decode")
+    rows = json.loads(out)
+    assert len(rows) == 1 and rows[0]["state_bytes"] > 0 and rows[0]["mechanism"] == "sliding_window"
 
 
-@pytest.mark.parametrize("bad", ["0", "-3", "ten"])
-def test_demo_rejects_bad_lengths(capsys, bad):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["demo", "--lengths", bad])
-    assert exit_info.value.code == 2
-    assert "expected a positive integer" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    ("argv", "words"),
+    [
+        (["--mechanisms", "nonesuch*"], "no mechanism matches 'nonesuch*'"),
+        (["--lengths", "0"], "expected a positive integer, got '0'"),
+        (["--lengths", "12.5"], "expected a positive integer, got '12.5'"),
+        (["--patterns", "causal"], "invalid choice: 'causal'"),
+        (["--time-budget", "-1"], "expected a positive number"),
+    ],
+)
+def test_bench_bad_input_writes_nothing(tmp_path, capsys, argv, words):
+    db = tmp_path / "never.sqlite"
+    try:
+        code = main(["bench", "speed", "--db", str(db), "--no-progress", *argv])
+    except SystemExit as exit_info:  # argparse errors
+        code = exit_info.code
+    assert code == 2
+    assert words in capsys.readouterr().err
+    assert not db.exists()
+
+
+def test_report_of_a_missing_store_is_a_clear_error(tmp_path, capsys):
+    code, _, err = run(capsys, "report", "--db", str(tmp_path / "missing.sqlite"))
+    assert code == 2 and "no results database" in err
 
 
 def test_help_explains_every_subcommand():
     out = subprocess.run([sys.executable, "-m", "attnkit.cli", "--help"], capture_output=True, text=True, check=True)
-    for word in ("list", "info", "demo", "capability matrix", "four"):
+    for word in ("list", "info", "demo", "bench speed", "bench fidelity", "report", "export", "four"):
         assert word in out.stdout
-    for cmd in ("list", "info", "demo"):
-        sub = subprocess.run([sys.executable, "-m", "attnkit.cli", cmd, "--help"], capture_output=True, text=True)
-        assert sub.returncode == 0 and len(sub.stdout.splitlines()) > 4
+    for cmd in (["list"], ["info"], ["demo"], ["bench", "speed"], ["bench", "fidelity"], ["report"], ["export"]):
+        sub = subprocess.run([sys.executable, "-m", "attnkit.cli", *cmd, "--help"], capture_output=True, text=True)
+        assert sub.returncode == 0 and len(sub.stdout.splitlines()) > 4, cmd

@@ -22,8 +22,9 @@ def test_fast_path_matches_reference_on_cuda(item, dtype):
     case, pattern, path = item
     mech = case.build(8, 64).cuda()
     tol = mech.tolerances[dtype]
-    q, k, v = make_qkv(2, 300, 300 if pattern.is_self else 170, 8, 2, 64, dtype=dtype, device="cuda",
-                       requires_grad=True)  # fmt: skip
+    q, k, v = make_qkv(
+        2, 300, 300 if pattern.is_self else 170, 8, 2, 64, dtype=dtype, device="cuda", requires_grad=True
+    )
     kpm = torch.ones(2, k.shape[1], dtype=torch.bool, device="cuda")
     kpm[1, :5] = False
     kpm[1, -9:] = False
@@ -32,8 +33,9 @@ def test_fast_path_matches_reference_on_cuda(item, dtype):
     assert out.device.type == "cuda" and out.dtype == dtype
     assert_close("out", ref, out, tol)
     g = torch.randn_like(ref)
-    for name, r, f in zip("qkv", torch.autograd.grad(ref, (q, k, v), g), torch.autograd.grad(out, (q, k, v), g),
-                          strict=True):  # fmt: skip
+    for name, r, f in zip(
+        "qkv", torch.autograd.grad(ref, (q, k, v), g), torch.autograd.grad(out, (q, k, v), g), strict=True
+    ):
         assert_close(f"d{name}", r, f, 2 * tol)
 
 
@@ -45,8 +47,15 @@ def test_chunked_decoding_on_cuda(item):
     full = mech(q, k, v, pattern="causal_self", path=path)
     state, outs, start = None, [], 0
     for n in random_chunks(90, seed=5):
-        o, state = mech(q[:, start : start + n], k[:, start : start + n], v[:, start : start + n],
-                        pattern="causal_self", state=state, return_state=True, path=path)  # fmt: skip
+        o, state = mech(
+            q[:, start : start + n],
+            k[:, start : start + n],
+            v[:, start : start + n],
+            pattern="causal_self",
+            state=state,
+            return_state=True,
+            path=path,
+        )
         outs.append(o)
         start += n
     assert_close("chunked", full, torch.cat(outs, 1), mech.tolerances[torch.float32])
@@ -56,8 +65,9 @@ def test_chunked_decoding_on_cuda(item):
 def test_fully_padded_rows_are_zero_on_cuda(item):
     case, pattern, path = item
     mech = case.build(4, 32).cuda()
-    q, k, v = make_qkv(2, 40, 40 if pattern.is_self else 25, 4, 2, 32, dtype=torch.bfloat16, device="cuda",
-                       requires_grad=True)  # fmt: skip
+    q, k, v = make_qkv(
+        2, 40, 40 if pattern.is_self else 25, 4, 2, 32, dtype=torch.bfloat16, device="cuda", requires_grad=True
+    )
     kpm = torch.ones(2, k.shape[1], dtype=torch.bool, device="cuda")
     kpm[0] = False
     out = mech(q, k, v, pattern=pattern, key_padding_mask=kpm, path=path)

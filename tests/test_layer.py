@@ -28,8 +28,14 @@ def test_self_attention_shapes_and_grads(mechanism):
 def test_layer_decoding_with_state_matches_full_pass(mechanism):
     """Prefill plus token-by-token decoding through the layer (RoPE offsets included) equals one pass."""
     torch.manual_seed(0)
-    layer = attnkit.Attention(32, heads=4, kv_heads=1, mechanism=mechanism, rope=True,
-                              **({"window": 5} if mechanism == "sliding_window" else {}))  # fmt: skip
+    layer = attnkit.Attention(
+        32,
+        heads=4,
+        kv_heads=1,
+        mechanism=mechanism,
+        rope=True,
+        **({"window": 5} if mechanism == "sliding_window" else {}),
+    )
     x = torch.randn(2, 23, 32)
     with torch.no_grad():
         full = layer(x)

@@ -37,15 +37,23 @@ def dense_band(q, k, v, before, after, q_offset, kpm, scale):
 
 @pytest.mark.parametrize(
     ("tq", "tk", "before", "after", "offset", "block"),
-    [(37, 37, 5, 0, 0, 8), (37, 37, 4, 4, 0, 16), (10, 25, 6, 0, 15, 4), (10, 25, 2, 0, 15, 64), (9, 9, 20, 20, 0, 3),
-     (1, 30, 7, 0, 29, 64), (50, 50, 0, 0, 0, 7)],
-)  # fmt: skip
+    [
+        (37, 37, 5, 0, 0, 8),
+        (37, 37, 4, 4, 0, 16),
+        (10, 25, 6, 0, 15, 4),
+        (10, 25, 2, 0, 15, 64),
+        (9, 9, 20, 20, 0, 3),
+        (1, 30, 7, 0, 29, 64),
+        (50, 50, 0, 0, 0, 7),
+    ],
+)
 def test_banded_attention_matches_dense_mask(tq, tk, before, after, offset, block):
     q, k, v = make_qkv(2, tq, tk, 4, 2, 8)
     kpm = torch.rand(2, tk, generator=torch.Generator().manual_seed(0)) > 0.3
     for mask in (None, kpm):
-        out = banded_attention(q, k, v, before=before, after=after, scale=0.3, q_offset=offset,
-                               key_padding_mask=mask, block=block)  # fmt: skip
+        out = banded_attention(
+            q, k, v, before=before, after=after, scale=0.3, q_offset=offset, key_padding_mask=mask, block=block
+        )
         assert_close("band", dense_band(q, k, v, before, after, offset, mask, 0.3), out, 1e-5)
 
 
@@ -115,8 +123,9 @@ def test_banded_attention_property(tq, extra_keys, before, after, block, padded)
     offset = extra_keys  # queries are the last tq positions, as after a cache
     q, k, v = make_qkv(1, tq, tk, 2, 1, 4, dtype=torch.float64)
     kpm = (torch.rand(1, tk, generator=torch.Generator().manual_seed(tq)) > 0.4) if padded else None
-    out = banded_attention(q, k, v, before=before, after=after, scale=0.5, q_offset=offset, key_padding_mask=kpm,
-                           block=block)  # fmt: skip
+    out = banded_attention(
+        q, k, v, before=before, after=after, scale=0.5, q_offset=offset, key_padding_mask=kpm, block=block
+    )
     assert_close("band", dense_band(q, k, v, before, after, offset, kpm, 0.5), out, 1e-10)
 
 

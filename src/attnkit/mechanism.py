@@ -150,8 +150,10 @@ class Mechanism(nn.Module):
         torch.float16: 5e-3,
         torch.bfloat16: 2e-2,
     }
-    # option sets the conformance suite and the benchmark exercise
+    # option sets the conformance suite exercises
     example_options: ClassVar[tuple[dict[str, Any], ...]] = ({},)
+    # the option the fidelity benchmark sweeps (features, landmarks, window...) and its values
+    fidelity_knob: ClassVar[tuple[str, tuple[Any, ...]] | None] = None
     _fast_paths: ClassVar[tuple[FastPath, ...]] = ()
 
     def __init_subclass__(cls, **kwargs):

@@ -6,14 +6,15 @@ Three kinds (DESIGN §1.4):
 - ``RecurrentState``: a fixed-size summary (linear and decay family).
 
 Every state knows ``offset``, the number of tokens it has consumed, so a layer can place rotary
-positions of the next chunk. States are values: a call returns a new state and never mutates the
-one it was given.
+positions of the next chunk. States are values: a call returns a new state and never changes what
+the state it was given holds. (Outside autograd, KV caches append into a shared preallocated buffer
+so that decoding a token does not copy the whole cache; rows a state can see are never rewritten.)
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -37,10 +38,14 @@ class State:
     def to(self, *args, **kwargs) -> State:
         """Like ``Tensor.to``: move or cast every tensor field."""
         moved = {name: t.to(*args, **kwargs) for name, t in self.tensors().items()}
-        return dataclasses.replace(self, **moved)
+        return dataclasses.replace(self, **moved, **self._standalone())
 
     def detach(self) -> State:
-        return dataclasses.replace(self, **{n: t.detach() for n, t in self.tensors().items()})
+        return dataclasses.replace(self, **{n: t.detach() for n, t in self.tensors().items()}, **self._standalone())
+
+    def _standalone(self) -> dict:
+        """Field changes that detach a copied state from any storage shared with this one."""
+        return {}
 
 
 def _cat_masks(
@@ -56,11 +61,40 @@ def _cat_masks(
     return torch.cat([old, new], dim=1)
 
 
+class _KVBuffer:
+    """Preallocated key/value rows shared by the successive caches of one sequence (decoding, no grad).
+
+    ``fill`` is the end of the rows written so far; a cache may append in place only when its own
+    rows end exactly there, so rows another cache can see are never overwritten.
+    """
+
+    def __init__(self, like_k: torch.Tensor, like_v: torch.Tensor, capacity: int, masked: bool):
+        b, _, h, dk = like_k.shape
+        self.k = torch.zeros(b, capacity, h, dk, dtype=like_k.dtype, device=like_k.device)
+        self.v = torch.zeros(b, capacity, h, like_v.shape[3], dtype=like_v.dtype, device=like_v.device)
+        self.mask = torch.ones(b, capacity, dtype=torch.bool, device=like_k.device) if masked else None
+        self.fill = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[1]
+
+    def fits(self, k: torch.Tensor, v: torch.Tensor) -> bool:
+        return (self.k.dtype, self.k.device, self.k.shape[2:], self.v.shape[3]) == (
+            k.dtype,
+            k.device,
+            k.shape[2:],
+            v.shape[3],
+        )
+
+
 @dataclass(frozen=True)
 class KVCache(State):
     k: torch.Tensor  # [B, T, Hkv, Dk] past keys
     v: torch.Tensor  # [B, T, Hkv, Dv] past values
     key_mask: torch.Tensor | None = None  # [B, T] bool, True = real token; None = all real
+    _buffer: _KVBuffer | None = field(default=None, repr=False, compare=False)  # storage k, v are views of
+    _start: int = field(default=0, repr=False, compare=False)  # first row of k, v in that storage
 
     @classmethod
     def empty(cls, batch: int, kv_heads: int, dk: int, dv: int, *, device=None, dtype=torch.float32) -> KVCache:
@@ -74,10 +108,55 @@ class KVCache(State):
     def length(self) -> int:
         return self.k.shape[1]
 
+    def _standalone(self) -> dict:
+        return {"_buffer": None, "_start": 0}
+
     def extend(
         self, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None, keep: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, KVCache]:
         """Append new keys; return all keys, values, mask and the next cache (last ``keep`` keys)."""
+        tracked = torch.is_grad_enabled() and any(t.requires_grad for t in (k, v, self.k, self.v))
+        if tracked:  # autograd must see a fresh tensor: concatenate
+            return self._extend_by_copy(k, v, key_mask, keep)
+        past, n = self.length, k.shape[1]
+        buf, end = self._buffer, self._start + self.length
+        if buf is None or buf.fill != end or end + n > buf.capacity or not buf.fits(k, v):
+            # fresh storage with room to grow: the live rows are copied once, later steps append in place
+            live = past if keep is None else min(past, keep)
+            room = 2 * (live + n) + 64 if keep is None else 2 * (keep + n) + 64
+            masked = self.key_mask is not None or key_mask is not None
+            buf = _KVBuffer(k, v, room, masked)
+            buf.k[:, :live] = self.k[:, past - live :]
+            buf.v[:, :live] = self.v[:, past - live :]
+            if masked and self.key_mask is not None:
+                buf.mask[:, :live] = self.key_mask[:, past - live :]
+            buf.fill, start, end = live, 0, live
+        else:
+            start = self._start
+        buf.k[:, end : end + n] = k
+        buf.v[:, end : end + n] = v
+        if key_mask is not None and buf.mask is None:
+            buf.mask = torch.ones(buf.k.shape[:2], dtype=torch.bool, device=k.device)  # earlier rows: real
+        if buf.mask is not None:
+            buf.mask[:, end : end + n] = True if key_mask is None else key_mask
+        buf.fill = end + n
+        rows = slice(start, end + n)
+        kept = slice(start if keep is None else max(start, end + n - keep), end + n)
+        mask_all = None if buf.mask is None else buf.mask[:, rows]
+        nxt = dataclasses.replace(
+            self,
+            offset=self.offset + n,
+            k=buf.k[:, kept],
+            v=buf.v[:, kept],
+            key_mask=None if buf.mask is None else buf.mask[:, kept],
+            _buffer=buf,
+            _start=kept.start,
+        )
+        return buf.k[:, rows], buf.v[:, rows], mask_all, nxt
+
+    def _extend_by_copy(
+        self, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None, keep: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, KVCache]:
         past = self.length
         k_all = torch.cat([self.k.to(k.dtype), k], dim=1)
         v_all = torch.cat([self.v.to(v.dtype), v], dim=1)
@@ -89,6 +168,7 @@ class KVCache(State):
             k=k_all[:, kept],
             v=v_all[:, kept],
             key_mask=None if mask_all is None else mask_all[:, kept],
+            **self._standalone(),
         )
         return k_all, v_all, mask_all, nxt
 

@@ -55,8 +55,9 @@ def test_tiled_path_over_many_tiles(monkeypatch, pattern):
     out = attnkit.attend(q, k, v, "sigmoid", pattern=pattern, key_padding_mask=kpm, path="blocked")
     assert_close("out", ref, out, 1e-5)
     g = torch.randn_like(ref)
-    for name, r, f in zip("qkv", torch.autograd.grad(ref, (q, k, v), g), torch.autograd.grad(out, (q, k, v), g),
-                          strict=True):  # fmt: skip
+    for name, r, f in zip(
+        "qkv", torch.autograd.grad(ref, (q, k, v), g), torch.autograd.grad(out, (q, k, v), g), strict=True
+    ):
         assert_close(f"d{name}", r, f, 1e-5)
 
 

@@ -51,8 +51,16 @@ def test_window_cache_is_bounded():
     q, k, v = make_qkv(1, 100, 100, 2, 2, 8)
     state, outs = None, []
     for i in range(100):
-        o, state = attnkit.attend(q[:, i : i + 1], k[:, i : i + 1], v[:, i : i + 1], "sliding_window",
-                                  pattern="causal_self", window=4, state=state, return_state=True)  # fmt: skip
+        o, state = attnkit.attend(
+            q[:, i : i + 1],
+            k[:, i : i + 1],
+            v[:, i : i + 1],
+            "sliding_window",
+            pattern="causal_self",
+            window=4,
+            state=state,
+            return_state=True,
+        )
         outs.append(o)
         assert state.k.shape[1] == min(i + 1, 3)
     full = attnkit.attend(q, k, v, "sliding_window", pattern="causal_self", window=4)

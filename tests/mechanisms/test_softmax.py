@@ -51,8 +51,9 @@ def test_prefill_then_decode_steps():
     out, cache = attnkit.attend(q[:, :20], k[:, :20], v[:, :20], pattern="causal_self", return_state=True)
     steps = [out]
     for i in range(20, 30):
-        o, cache = attnkit.attend(q[:, i : i + 1], k[:, i : i + 1], v[:, i : i + 1], pattern="causal_self",
-                                  state=cache, return_state=True)  # fmt: skip
+        o, cache = attnkit.attend(
+            q[:, i : i + 1], k[:, i : i + 1], v[:, i : i + 1], pattern="causal_self", state=cache, return_state=True
+        )
         steps.append(o)
     assert_close("decode", full, torch.cat(steps, 1), 1e-5)
     assert cache.length == 30 and cache.offset == 30

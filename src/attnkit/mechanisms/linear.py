@@ -48,6 +48,7 @@ class Linear(Mechanism):
     complexity = Complexity(time="O(T·D²)", memory="O(T·D) (state O(D²))")
     Options = LinearOptions
     example_options = ({}, {"feature_map": "relu", "chunk_size": 16})
+    fidelity_knob = ("feature_map", ("elu1", "relu"))
 
     def _phi(self, t: torch.Tensor) -> torch.Tensor:
         compute = torch.float64 if t.dtype == torch.float64 else torch.float32

@@ -43,6 +43,7 @@ class Sigmoid(Mechanism):
     complexity = Complexity(time="O(Tq·Tk·D)", memory="O(Tq + Tk) blocked (reference: O(Tq·Tk))")
     Options = SigmoidOptions
     example_options = ({}, {"bias": -2.0})
+    fidelity_knob = ("bias", (None, -2.0))
 
     def reference(self, x: AttentionInputs):
         compute = torch.float64 if x.q.dtype == torch.float64 else torch.float32

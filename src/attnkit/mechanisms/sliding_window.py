@@ -47,6 +47,7 @@ class SlidingWindow(Mechanism):
     complexity = Complexity(time="O(T·window·D)", memory="O(T·window)")
     Options = SlidingWindowOptions
     example_options = ({"window": 4}, {"window": 64})
+    fidelity_knob = ("window", (16, 64, 256))
 
     def window_size(self) -> int:
         return self.options.window

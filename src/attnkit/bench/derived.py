@@ -1,0 +1,163 @@
+"""Figures derived from stored rows (pure functions: rows in, numbers out; nothing is re-measured).
+
+- speed-up and memory ratio against SDPA softmax at each T;
+- the log-log scaling exponent of a curve;
+- CAB's efficiency length (Comprehensive Attention Benchmarking, ICML 2023, ``scripts/efficiency_length``):
+  fit the baseline's cost with a quadratic in N and the mechanism's with a line (for time, without
+  the smallest N), and take the larger root of their difference: the length from which the
+  mechanism is cheaper.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+SDPA = ("softmax", "sdpa")
+NAIVE = ("softmax", "reference")
+
+
+def efficiency_length(
+    lengths: list[float], baseline: list[float], mechanism: list[float], *, drop_first: bool
+) -> float | None:
+    """CAB's efficiency length: where the mechanism's linear fit crosses the baseline's quadratic fit.
+
+    Returns the larger real root of ``a N^2 + (b - d) N + (c - e) = 0`` (baseline ``a N^2 + b N + c``,
+    mechanism ``d N + e``); ``0.0`` when the mechanism is cheaper at every length the fits cover and
+    ``inf`` when it never becomes cheaper, or only beyond 100x the longest length measured (a crossing
+    that far out is an artefact of extrapolating the fits); None with fewer than three points.
+    """
+    n = np.asarray(lengths, dtype=float)
+    if len(n) < 3:
+        return None
+    a, b, c = np.polyfit(n, np.asarray(baseline, float), 2)
+    n_lin, m = (n[1:], np.asarray(mechanism, float)[1:]) if drop_first else (n, np.asarray(mechanism, float))
+    d, e = np.polyfit(n_lin, m, 1)
+    roots = np.roots([a, b - d, c - e])
+    real = sorted(r.real for r in roots if abs(r.imag) < 1e-9 * max(1.0, abs(r.real)))
+    if real and real[-1] > 0:
+        return float(real[-1]) if real[-1] <= 100 * n.max() else math.inf
+    # no positive crossing: which side of the baseline is the mechanism at the lengths measured?
+    gap = (a * n**2 + b * n + c) - (d * n + e)
+    return 0.0 if np.all(gap > 0) else math.inf
+
+
+def scaling_exponent(lengths: list[float], values: list[float]) -> float | None:
+    """Slope of log(value) against log(T): ~1 linear, ~2 quadratic. None with fewer than 2 points."""
+    pts = [(t, v) for t, v in zip(lengths, values, strict=True) if v and v > 0]
+    if len(pts) < 2:
+        return None
+    x = np.log([p[0] for p in pts])
+    y = np.log([p[1] for p in pts])
+    return float(np.polyfit(x, y, 1)[0])
+
+
+@dataclass
+class Curve:
+    """One series of speed rows: a mechanism/path on a pattern, mode, dtype and device."""
+
+    mechanism: str
+    path: str
+    pattern: str
+    mode: str
+    dtype: str
+    device: str
+    peer: str | None
+    lengths: list[int]
+    ms: list[float | None]
+    peak: list[float | None]
+    gflops: list[float | None]
+
+    @property
+    def label(self) -> str:
+        if (self.mechanism, self.path) == SDPA:
+            return "SDPA softmax"
+        if (self.mechanism, self.path) == NAIVE:
+            return "naive softmax"
+        if self.peer:
+            return f"{self.peer} (peer)"
+        return f"{self.mechanism}/{self.path}"
+
+    def at(self, t: int, field: str) -> float | None:
+        return getattr(self, field)[self.lengths.index(t)] if t in self.lengths else None
+
+
+def curves(rows: list[dict[str, Any]], kinds: tuple[str, ...] = ("speed", "peer")) -> list[Curve]:
+    """Group ok speed rows into curves, each sorted by T."""
+    groups: dict[tuple, list[dict]] = defaultdict(list)
+    for r in rows:
+        if r["kind"] in kinds and r["status"] == "ok":
+            peer = (r.get("extra") or {}).get("peer")
+            groups[(r["mechanism"], r["path"], r["pattern"], r["mode"], r["dtype"], r["device"], peer)].append(r)
+    out = []
+    for (mech, path, pattern, mode, dtype, device, peer), rs in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        rs.sort(key=lambda r: r["tokens"])
+        out.append(
+            Curve(
+                mech,
+                path,
+                pattern,
+                mode,
+                dtype,
+                device,
+                peer,
+                [r["tokens"] for r in rs],
+                [r["median_ms"] for r in rs],
+                [r["peak_bytes"] for r in rs],
+                [r["gflops"] for r in rs],
+            )
+        )
+    return out
+
+
+def baseline_of(curve: Curve, all_curves: list[Curve], which: tuple[str, str] = SDPA) -> Curve | None:
+    for c in all_curves:
+        if (c.mechanism, c.path) == which and (c.pattern, c.mode, c.dtype, c.device) == (
+            curve.pattern,
+            curve.mode,
+            curve.dtype,
+            curve.device,
+        ):
+            return c
+    return None
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Derived figures of one curve against a baseline."""
+
+    curve: Curve
+    speedup: dict[int, float]  # baseline ms / mechanism ms at each common T
+    memory_ratio: dict[int, float]  # mechanism peak / baseline peak
+    exponent: float | None  # of the mechanism's latency
+    efficiency_time: float | None
+    efficiency_memory: float | None
+
+
+def summarise(curve: Curve, base: Curve) -> Summary:
+    common = [t for t in curve.lengths if t in base.lengths]
+    speedup = {t: base.at(t, "ms") / curve.at(t, "ms") for t in common if curve.at(t, "ms")}
+    memory = {t: curve.at(t, "peak") / base.at(t, "peak") for t in common if base.at(t, "peak")}
+    ms_pairs = [(t, base.at(t, "ms"), curve.at(t, "ms")) for t in common]
+    mem_pairs = [(t, base.at(t, "peak"), curve.at(t, "peak")) for t in common]
+
+    def length(pairs, drop_first):
+        pairs = [p for p in pairs if p[1] is not None and p[2] is not None]
+        if len(pairs) < 3:
+            return None
+        return efficiency_length(
+            [p[0] for p in pairs], [p[1] for p in pairs], [p[2] for p in pairs], drop_first=drop_first
+        )
+
+    return Summary(
+        curve=curve,
+        speedup=speedup,
+        memory_ratio=memory,
+        exponent=scaling_exponent(curve.lengths, curve.ms),
+        efficiency_time=length(ms_pairs, drop_first=True),
+        efficiency_memory=length(mem_pairs, drop_first=False),
+    )

@@ -1,0 +1,236 @@
+"""The results store: one SQLite file, WAL mode, append-only rows with the environment on each.
+
+- ``PRAGMA application_id`` marks the file as attnkit's and ``PRAGMA user_version`` holds the schema
+  version: opening any other SQLite file, a non-SQLite file, or a store written by a newer attnkit is
+  an error before anything is written.
+- Every result is one row inserted in its own transaction, so a killed run loses at most the case in
+  flight, and two runs can write at once (WAL + a busy timeout serialise their short writes).
+- A row's ``case_key`` identifies what was measured (and where); ``done`` lets a sweep skip it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import AttnkitError
+
+SCHEMA_VERSION = 1
+APPLICATION_ID = 0x41544B31  # "ATK1"
+DEFAULT_DB = "attnkit-results.sqlite"
+BUSY_TIMEOUT_MS = 60_000
+
+
+class StoreError(AttnkitError):
+    """The store file cannot be used (not attnkit's, newer schema, unreadable)."""
+
+
+# Columns of a result row, in order. Environment columns repeat the run's so each row stands alone.
+RESULT_COLUMNS: dict[str, str] = {
+    "schema_version": "INTEGER NOT NULL",
+    "run_id": "TEXT NOT NULL",
+    "created_at": "REAL NOT NULL",
+    "kind": "TEXT NOT NULL",  # speed | decode | fidelity | peer
+    "case_key": "TEXT NOT NULL",
+    "mechanism": "TEXT NOT NULL",
+    "path": "TEXT",
+    "pattern": "TEXT",
+    "mode": "TEXT",  # fwd | fwdbwd | decode | fidelity
+    "tokens": "INTEGER",  # T: keys (and queries for self patterns)
+    "tq": "INTEGER",
+    "tk": "INTEGER",
+    "batch": "INTEGER",
+    "heads": "INTEGER",
+    "kv_heads": "INTEGER",
+    "head_dim": "INTEGER",
+    "dtype": "TEXT",
+    "options": "TEXT",  # JSON of the mechanism's options
+    "status": "TEXT NOT NULL",  # ok | skipped | error | timeout | oom
+    "reason": "TEXT",
+    "median_ms": "REAL",
+    "min_ms": "REAL",
+    "max_ms": "REAL",
+    "runs": "INTEGER",
+    "peak_bytes": "INTEGER",
+    "flops": "REAL",
+    "gflops": "REAL",
+    "peak_fraction": "REAL",
+    "state_bytes": "INTEGER",
+    "error": "REAL",  # fidelity: relative error against exact softmax
+    "extra": "TEXT",  # JSON: anything kind-specific (temperature, input kind, peer package...)
+    "git_rev": "TEXT",
+    "torch_version": "TEXT",
+    "device": "TEXT",
+    "threads": "INTEGER",
+    "seed": "INTEGER",
+}
+RUN_COLUMNS: dict[str, str] = {
+    "run_id": "TEXT PRIMARY KEY",
+    "started_at": "REAL NOT NULL",
+    "finished_at": "REAL",
+    "status": "TEXT NOT NULL",  # running | finished | interrupted
+    "command": "TEXT",
+    "git_rev": "TEXT",
+    "torch_version": "TEXT",
+    "python": "TEXT",
+    "device": "TEXT",
+    "threads": "INTEGER",
+    "seed": "INTEGER",
+    "hostname": "TEXT",
+    "matmul_gflops": "REAL",  # this machine's measured matmul peak for the run's dtype
+    "matmul_dtype": "TEXT",
+}
+
+
+@dataclass(frozen=True)
+class Run:
+    run_id: str
+    env: dict[str, Any]  # git_rev, torch_version, device, threads, seed (copied onto every row)
+
+
+def _check_file(path: Path) -> None:
+    """Refuse anything that is not an attnkit store of a schema this version can read."""
+    if not path.exists():
+        return
+    if path.is_dir():
+        raise StoreError(f"{path} is a directory; --db needs a file path")
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if head and head != b"SQLite format 3\x00":
+        raise StoreError(f"{path} is not an attnkit results database (not an SQLite file); choose another --db")
+    if not head:
+        return
+    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        app = con.execute("PRAGMA application_id").fetchone()[0]
+        version = con.execute("PRAGMA user_version").fetchone()[0]
+    except sqlite3.DatabaseError as err:
+        raise StoreError(f"{path} cannot be read as SQLite ({err}); choose another --db") from None
+    finally:
+        con.close()
+    if app != APPLICATION_ID:
+        raise StoreError(f"{path} is an SQLite file but not an attnkit results database; choose another --db")
+    if version > SCHEMA_VERSION:
+        raise StoreError(
+            f"{path} has schema version {version}, newer than this attnkit's {SCHEMA_VERSION}; upgrade attnkit"
+        )
+
+
+class Store:
+    """Open (creating if needed) an attnkit results database."""
+
+    def __init__(self, path: str | Path = DEFAULT_DB, *, readonly: bool = False):
+        self.path = Path(path)
+        _check_file(self.path)
+        if readonly and not self.path.exists():
+            raise StoreError(f"no results database at {self.path}; run 'attnkit bench speed' first or pass --db")
+        uri = f"file:{self.path}?mode=ro" if readonly else f"file:{self.path}"
+        try:
+            # isolation_level=None: autocommit; every write below is its own short transaction
+            self.con = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
+        except sqlite3.OperationalError as err:
+            raise StoreError(f"cannot open results database {self.path}: {err}") from None
+        self.con.row_factory = sqlite3.Row
+        self.con.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        if not readonly:
+            self._init_schema()
+
+    def _init_schema(self) -> None:
+        self.con.execute("PRAGMA journal_mode = WAL")  # persistent in the file; a no-op when already set
+        with self._write():
+            if self.con.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID:
+                return
+            runs = ", ".join(f"{c} {t}" for c, t in RUN_COLUMNS.items())
+            results = ", ".join(f"{c} {t}" for c, t in RESULT_COLUMNS.items())
+            self.con.execute(f"CREATE TABLE IF NOT EXISTS runs ({runs})")
+            self.con.execute(f"CREATE TABLE IF NOT EXISTS results (id INTEGER PRIMARY KEY AUTOINCREMENT, {results})")
+            self.con.execute("CREATE INDEX IF NOT EXISTS results_case ON results (case_key, status)")
+            self.con.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+            self.con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    @contextlib.contextmanager
+    def _write(self) -> Iterator[None]:
+        # BEGIN IMMEDIATE takes the write lock up front, so a concurrent writer waits (busy_timeout)
+        # instead of failing half-way
+        self.con.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            self.con.execute("ROLLBACK")
+            raise
+        self.con.execute("COMMIT")
+
+    def close(self) -> None:
+        self.con.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---- runs -------------------------------------------------------------------------------------
+
+    def start_run(self, run_id: str, env: dict[str, Any], command: str, **extra: Any) -> Run:
+        row = {"run_id": run_id, "started_at": time.time(), "status": "running", "command": command, **env, **extra}
+        row = {k: v for k, v in row.items() if k in RUN_COLUMNS}
+        with self._write():
+            self.con.execute(
+                f"INSERT INTO runs ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})", list(row.values())
+            )
+        keep = ("git_rev", "torch_version", "device", "threads", "seed")
+        return Run(run_id, {k: env.get(k) for k in keep})
+
+    def finish_run(self, run: Run, status: str = "finished") -> None:
+        with self._write():
+            self.con.execute(
+                "UPDATE runs SET status = ?, finished_at = ? WHERE run_id = ?", (status, time.time(), run.run_id)
+            )
+
+    def runs(self) -> list[dict[str, Any]]:
+        return [dict(r) for r in self.con.execute("SELECT * FROM runs ORDER BY started_at")]
+
+    # ---- results ----------------------------------------------------------------------------------
+
+    def add(self, run: Run, row: dict[str, Any]) -> None:
+        """Append one result (its own transaction: a crash after this keeps it)."""
+        full = {"schema_version": SCHEMA_VERSION, "run_id": run.run_id, "created_at": time.time(), **run.env, **row}
+        for key in ("options", "extra"):
+            if isinstance(full.get(key), dict):
+                full[key] = json.dumps(full[key], sort_keys=True)
+        unknown = set(full) - set(RESULT_COLUMNS)
+        if unknown:
+            raise StoreError(f"unknown result fields {sorted(unknown)}")
+        with self._write():
+            self.con.execute(
+                f"INSERT INTO results ({', '.join(full)}) VALUES ({', '.join('?' * len(full))})", list(full.values())
+            )
+
+    def done(self, case_key: str) -> bool:
+        """Whether a case already has a final result (measured, or skipped for a recorded reason)."""
+        q = "SELECT 1 FROM results WHERE case_key = ? AND status IN ('ok', 'skipped') LIMIT 1"
+        return self.con.execute(q, (case_key,)).fetchone() is not None
+
+    def results(self, kind: str | None = None, *, latest: bool = True) -> list[dict[str, Any]]:
+        """Result rows as dicts (JSON columns decoded); ``latest`` keeps the newest row per case."""
+        where = "WHERE kind = ?" if kind else ""
+        args = (kind,) if kind else ()
+        if latest:
+            sql = (
+                f"SELECT * FROM results WHERE id IN (SELECT MAX(id) FROM results {where} GROUP BY case_key) ORDER BY id"
+            )
+        else:
+            sql = f"SELECT * FROM results {where} ORDER BY id"
+        rows = []
+        for r in self.con.execute(sql, args):
+            d = dict(r)
+            for key in ("options", "extra"):
+                d[key] = json.loads(d[key]) if d.get(key) else {}
+            rows.append(d)
+        return rows

@@ -1,0 +1,5 @@
+"""The HTML report: charts and tables from the results store."""
+
+from .build import build_report
+
+__all__ = ["build_report"]
