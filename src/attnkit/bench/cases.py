@@ -143,6 +143,7 @@ class Case:
             "head_dim": self.head_dim,
             "dtype": self.dtype,
             "options": self.options,
+            "extra": {"peer": self.peer} if self.peer else {},
         }
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from ..api import create
+from ..patterns import as_pattern
 from ..testing import make_qkv
 from .cases import Case
 from .memory import call_peak_bytes
@@ -54,7 +55,7 @@ def _speed_call(case: Case) -> tuple[Callable[[], object], Callable[[], str], fl
         fn, flops = peer_call(case, q, k, v)
         return fn, (lambda: case.peer or "?"), flops
     mech = create(case.mechanism, heads=case.heads, head_dim=case.head_dim, **case.options).to(case.device)
-    flops = mech.flops(case.shape(), case.pattern) * (BACKWARD_FLOP_FACTOR if grad else 1.0)
+    flops = mech.flops(case.shape(), as_pattern(case.pattern)) * (BACKWARD_FLOP_FACTOR if grad else 1.0)
 
     def call():
         with torch.set_grad_enabled(grad):
@@ -67,28 +68,31 @@ def _speed_call(case: Case) -> tuple[Callable[[], object], Callable[[], str], fl
 
 
 def _decode_call(case: Case) -> tuple[Callable[[], object], Callable[[], str], int]:
-    """One decoding step at context T: prefill T tokens once, then time the next token's step."""
+    """Decoding steps at context ~T: prefill T tokens once, then each call decodes the next token and
+    keeps the new state (as a real decoder does, so KV caches append in place)."""
     dtype = getattr(torch, case.dtype)
     mech = create(case.mechanism, heads=case.heads, head_dim=case.head_dim, **case.options).to(case.device)
-    q, k, v = make_qkv(
-        case.batch,
-        case.tokens + 1,
-        case.tokens + 1,
-        case.heads,
-        case.kv_heads,
-        case.head_dim,
-        dtype=dtype,
-        device=case.device,
-    )
+    extra = 2 * case.runs + 8  # tokens to decode: memory probe, warm-up and timed runs
+    total = case.tokens + extra
+    q, k, v = make_qkv(case.batch, total, total, case.heads, case.kv_heads, case.head_dim, dtype=dtype,
+                       device=case.device)  # fmt: skip
+    t = case.tokens
     with torch.no_grad():
-        _, state = mech(q[:, :-1], k[:, :-1], v[:, :-1], pattern="causal_self", return_state=True)
-    qt, kt, vt = q[:, -1:], k[:, -1:], v[:, -1:]
+        _, state = mech(q[:, :t], k[:, :t], v[:, :t], pattern="causal_self", return_state=True)
+    prefilled_bytes = state.nbytes
+    pos = t
 
     def step():
+        nonlocal state, pos
+        if pos >= total:
+            raise RuntimeError("decode benchmark ran out of prepared tokens")
+        sl = slice(pos, pos + 1)
         with torch.no_grad():
-            return mech(qt, kt, vt, pattern="causal_self", state=state, return_state=True)
+            out, state = mech(q[:, sl], k[:, sl], v[:, sl], pattern="causal_self", state=state, return_state=True)
+        pos += 1
+        return out
 
-    return step, (lambda: mech.last_path or "?"), state.nbytes
+    return step, (lambda: mech.last_path or "?"), prefilled_bytes
 
 
 def measure(case: Case) -> dict[str, Any]:
