@@ -143,7 +143,7 @@ def test_explicit_path_that_cannot_take_the_inputs():
     q, k, v = make_qkv(1, 6, 6, 2, 2, 8)
     with pytest.raises(InvalidOption, match="path 'chunk' cannot take these inputs: chunk is for causal_self"):
         attnkit.attend(q, k, v, "linear", pattern="noncausal_self", path="chunk")
-    with pytest.raises(InvalidOption, match="Valid paths: auto, reference, associative, chunk"):
+    with pytest.raises(InvalidOption, match="Valid paths: auto, reference, associative, chunk, recurrent"):
         attnkit.attend(q, k, v, "linear", pattern="noncausal_self", path="chunked")
 
 

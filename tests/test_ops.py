@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from attnkit.errors import AttnkitError, UnknownMechanism
 from attnkit.ops.banded import band_pairs, banded_attention
-from attnkit.ops.chunked import causal_linear_scan
+from attnkit.ops.chunked import bidirectional_linear_scan, causal_linear_scan
 from attnkit.options import option_docs
 from attnkit.patterns import and_masks, causal, dense_mask, window
 from attnkit.registry import Registry
@@ -57,13 +57,15 @@ def test_banded_attention_matches_dense_mask(tq, tk, before, after, offset, bloc
         assert_close("band", dense_band(q, k, v, before, after, offset, mask, 0.3), out, 1e-5)
 
 
-def naive_scan(q, k, v, s0):
+def naive_scan(q, k, v, s0, log_decay=None):
+    """S_t = g S_{t-1} + k_t v_t^T, out_t = q_t S_t, token by token."""
     g = q.shape[2] // k.shape[2]
     S = s0.repeat_interleave(g, 1).clone()
     k, v = k.repeat_interleave(g, 2), v.repeat_interleave(g, 2)
+    decay = 1.0 if log_decay is None else log_decay.exp().repeat_interleave(g)[None, :, None, None]
     outs = []
     for t in range(q.shape[1]):
-        S = S + torch.einsum("bhd,bhe->bhde", k[:, t], v[:, t])
+        S = decay * S + torch.einsum("bhd,bhe->bhde", k[:, t], v[:, t])
         outs.append(torch.einsum("bhd,bhde->bhe", q[:, t], S))
     return torch.stack(outs, 1), S
 
@@ -129,12 +131,25 @@ def test_banded_attention_property(tq, extra_keys, before, after, block, padded)
     assert_close("band", dense_band(q, k, v, before, after, offset, kpm, 0.5), out, 1e-10)
 
 
-@settings(max_examples=30, deadline=None)
-@given(t=st.integers(1, 50), chunk=st.integers(1, 64), groups=st.sampled_from([1, 2, 4]))
-def test_causal_linear_scan_property(t, chunk, groups):
+@settings(max_examples=40, deadline=None)
+@given(t=st.integers(1, 50), chunk=st.integers(1, 64), groups=st.sampled_from([1, 2, 4]), decay=st.booleans())
+def test_causal_linear_scan_property(t, chunk, groups, decay):
     q, k, v = make_qkv(1, t, t, 4, 4 // groups, 4, dv=3, dtype=torch.float64)
     s0 = torch.randn(1, 4 // groups, 4, 3, dtype=torch.float64)
-    out, final = causal_linear_scan(q, k, v, s0, chunk=chunk)
-    ref, ref_final = naive_scan(q, k, v, s0)
+    log_decay = torch.log(torch.linspace(0.5, 0.99, 4 // groups, dtype=torch.float64)) if decay else None
+    out, final = causal_linear_scan(q, k, v, s0, chunk=chunk, log_decay=log_decay)
+    ref, ref_final = naive_scan(q, k, v, s0, log_decay)
     assert_close("out", ref, out, 1e-12)
     assert_close("state", ref_final[:, ::groups], final, 1e-12)
+
+
+@pytest.mark.parametrize("chunk", [3, 64])
+def test_bidirectional_scan_matches_the_dense_form(chunk):
+    q, k, v = make_qkv(2, 37, 37, 4, 2, 8, dv=5, dtype=torch.float64)
+    log_decay = torch.log(torch.tensor([0.9, 0.6], dtype=torch.float64))
+    out = bidirectional_linear_scan(q, k, v, chunk=chunk, log_decay=log_decay)
+    i = torch.arange(37, dtype=torch.float64)
+    dist = (i[:, None] - i[None, :]).abs()
+    decay = log_decay.repeat_interleave(2)[:, None, None].exp() ** dist  # [H, T, T]
+    scores = torch.einsum("bqhd,bkhd->bhqk", q, k.repeat_interleave(2, 2)) * decay
+    assert_close("bidirectional", torch.einsum("bhqk,bkhe->bqhe", scores, v.repeat_interleave(2, 2)), out, 1e-12)

@@ -89,10 +89,17 @@ class FastPath:
     mechanism and inputs (a dispatch heuristic, e.g. "dense is faster while T <= 2 * window").
     """
 
-    def __init__(self, fn: PathFn, name: str, priority: int | Callable[[Mechanism, AttentionInputs], int]):
+    def __init__(
+        self,
+        fn: PathFn,
+        name: str,
+        priority: int | Callable[[Mechanism, AttentionInputs], int],
+        when: Callable[[type[Mechanism]], bool] | None = None,
+    ):
         self.fn = fn
         self.name = name
         self.priority = priority
+        self.when = when  # which subclasses have this path at all (a base class may offer it to some)
         self._reasons: Callable[[Mechanism, AttentionInputs], list[str]] | None = None
 
     def unsupported(self, fn: Callable[[Mechanism, AttentionInputs], list[str]]) -> FastPath:
@@ -110,9 +117,14 @@ class FastPath:
         return self.fn(mech, x)
 
 
-def fast_path(name: str, *, priority: int | Callable[..., int] = 0) -> Callable[[PathFn], FastPath]:
-    """Mark a method as a fast path named by its algorithm (``sdpa``, ``chunk``, ``blocked``...)."""
-    return lambda fn: FastPath(fn, name, priority)
+def fast_path(
+    name: str, *, priority: int | Callable[..., int] = 0, when: Callable[[type], bool] | None = None
+) -> Callable[[PathFn], FastPath]:
+    """Mark a method as a fast path named by its algorithm (``sdpa``, ``chunk``, ``blocked``...).
+
+    ``when(cls)`` limits a path defined on a base class to the subclasses it makes sense for.
+    """
+    return lambda fn: FastPath(fn, name, priority, when)
 
 
 def register_mechanism(name: str) -> Callable[[type[Mechanism]], type[Mechanism]]:
@@ -163,10 +175,16 @@ class Mechanism(nn.Module):
             for value in vars(klass).values():
                 if isinstance(value, FastPath):
                     found[value.name] = value
-        cls._fast_paths = tuple(found.values())  # in order of definition
+        # in order of definition, without the paths this class does not have
+        cls._fast_paths = tuple(p for p in found.values() if p.when is None or p.when(cls))
 
     def __init__(self, heads: int | None = None, head_dim: int | None = None, **options: Any):
         super().__init__()
+        if self.trainable and (heads is None or head_dim is None):
+            raise InvalidOption(
+                f"{self.name} has trainable parameters sized by the heads; pass heads= and head_dim= "
+                f"(got heads={heads}, head_dim={head_dim})"
+            )
         self.heads = heads
         self.head_dim = head_dim
         self.options = parse_options(self.Options, options, mechanism=self.name)

@@ -1,9 +1,12 @@
-"""Causal linear attention in chunks (the Lightning Attention-2 tiling, without decay).
+"""Causal linear attention in chunks (the Lightning Attention-2 tiling), optionally with decay.
 
-``out_i = q_i . (S0 + sum_{j <= i} k_j v_j^T)`` for feature-mapped ``q, k``. The sequence is cut into
-chunks of C tokens: inside a chunk the masked quadratic form ``(Q_c K_c^T * M) V_c`` (intra), across
-chunks the running state ``Q_c S_{<c}`` (inter). Time O(T*C*(Dk+Dv) + T*Dk*Dv), memory O(T*(C + Dk*Dv/C))
-per head: linear in T, no cumulative sum over tokens, no T x T tensor.
+    S_t = g * S_{t-1} + k_t v_t^T,      out_t = q_t . S_t          (g = exp(log_decay) per state head)
+
+for feature-mapped ``q, k``. The sequence is cut into chunks of C tokens: inside a chunk the masked
+quadratic form ``(Q_c K_c^T * M) V_c`` with ``M_ij = g^(i-j)`` (intra), across chunks the running state
+``g^(i+1) Q_c S_before`` (inter). Time O(T*C*(Dk+Dv) + T*Dk*Dv), memory O(T*(C + Dk*Dv/C)) per head:
+linear in T, no cumulative sum over tokens, no T x T tensor. States before each chunk come from a
+cumulative sum (no decay) or a log-depth scan over chunks (decay).
 """
 
 from __future__ import annotations
@@ -16,6 +19,28 @@ import torch.nn.functional as F
 DEFAULT_CHUNK = 64
 
 
+def _states_before_chunks(kv: torch.Tensor, s0: torch.Tensor | None, chunk_decay: torch.Tensor | None) -> torch.Tensor:
+    """``kv [B, H, n, Dk, Dv]`` chunk contributions -> the state before each chunk (same shape).
+
+    Without decay an exclusive cumulative sum; with a per-head chunk decay ``a = g^C`` ``[H]`` the
+    recurrence ``S_c = a S_{c-1} + kv_c`` is solved by a Hillis-Steele scan in log2(n) steps.
+    """
+    n = kv.shape[2]
+    shifted = torch.cat([torch.zeros_like(kv[:, :, :1]), kv[:, :, :-1]], dim=2)  # kv of the chunk before
+    if chunk_decay is None:
+        before = shifted.cumsum(dim=2)
+        return before if s0 is None else before + s0[:, :, None]
+    a = chunk_decay.to(kv.dtype)[None, :, None, None, None]  # [1, H, 1, 1, 1]
+    before, step, a_pow = shifted, 1, a
+    while step < n:  # before_c += a^step * before_{c - step}
+        before = before + F.pad(before[:, :, :-step] * a_pow, (0, 0, 0, 0, step, 0))
+        step, a_pow = step * 2, a_pow * a_pow
+    if s0 is not None:
+        idx = torch.arange(n, device=kv.device, dtype=kv.dtype)
+        before = before + (chunk_decay.to(kv.dtype)[:, None] ** idx)[None, :, :, None, None] * s0[:, :, None]
+    return before
+
+
 def causal_linear_scan(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -23,11 +48,12 @@ def causal_linear_scan(
     state: torch.Tensor | None = None,
     *,
     chunk: int = DEFAULT_CHUNK,
+    log_decay: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``q [B,T,Hq,Dk], k [B,T,Hkv,Dk], v [B,T,Hkv,Dv], state [B,Hkv,Dk,Dv] | None``.
+    """``q [B,T,Hq,Dk], k [B,T,Hkv,Dk], v [B,T,Hkv,Dv], state [B,Hkv,Dk,Dv] | None, log_decay [Hkv] | None``.
 
-    Returns ``out [B,T,Hq,Dv]`` and the final state ``[B,Hkv,Dk,Dv]``. Query head h reads the state of
-    kv head ``h // (Hq/Hkv)``. Computes in the dtype it is given (callers upcast).
+    Returns ``out [B,T,Hq,Dv]`` (a strided view) and the final state ``[B,Hkv,Dk,Dv]``. Query head h reads
+    the state of kv head ``h // (Hq/Hkv)``. Computes in the dtype it is given (callers upcast).
     """
     b, t, hq, dk = q.shape
     hkv, dv = k.shape[2], v.shape[3]
@@ -36,24 +62,52 @@ def causal_linear_scan(
     n = -(-t // c)  # number of chunks
     pad = n * c - t  # zero tokens at the end add nothing to any state
 
-    def chunked(x: torch.Tensor, heads: int, groups: int) -> torch.Tensor:
+    def chunked(x: torch.Tensor, groups: int) -> torch.Tensor:
         # [B, T, H, D] -> [B, Hkv, groups, n, C, D]: heads first so every product below is a plain bmm
         x = F.pad(x.transpose(1, 2), (0, 0, 0, pad)) if pad else x.transpose(1, 2)
         return x.contiguous().view(b, hkv, groups, n, c, x.shape[-1])
 
-    qc, kc, vc = chunked(q, hq, g), chunked(k, hkv, 1), chunked(v, hkv, 1)
-
-    kv = kc.transpose(-1, -2) @ vc  # [B, Hkv, 1, n, Dk, Dv] each chunk's contribution to the state
-    # state before each chunk: exclusive prefix sum over chunks
-    before = torch.cat([torch.zeros_like(kv[:, :, :, :1]), kv[:, :, :, :-1]], dim=3).cumsum(dim=3)
-    if state is not None:
-        before = before + state[:, :, None, None].to(kv.dtype)
-    out = qc @ before  # [B, Hkv, G, n, C, Dv] inter-chunk part
-
-    scores = qc @ kc.transpose(-1, -2)  # [B, Hkv, G, n, C, C] intra-chunk part, causal inside the chunk
-    scores.masked_fill_(~torch.ones(c, c, dtype=torch.bool, device=q.device).tril(), 0.0)
+    qc, kc, vc = chunked(q, g), chunked(k, 1), chunked(v, 1)
+    pos = torch.arange(c, device=q.device, dtype=q.dtype)
+    if log_decay is None:
+        decay_in = None
+        kv = kc.transpose(-1, -2) @ vc  # [B, Hkv, 1, n, Dk, Dv] each chunk's contribution to the state
+        within = torch.ones(c, c, dtype=torch.bool, device=q.device).tril().to(q.dtype)  # [C, C]
+    else:
+        ld = log_decay.to(q.dtype)[:, None]  # [Hkv, 1]
+        decay_in = torch.exp(ld * (pos + 1))[None, :, None, None, :, None]  # g^(i+1): [1, Hkv, 1, 1, C, 1]
+        to_end = torch.exp(ld * (c - 1 - pos))[None, :, None, None, :, None]  # g^(C-1-j)
+        kv = (kc * to_end).transpose(-1, -2) @ vc
+        dist = pos[:, None] - pos[None, :]  # i - j
+        within = torch.where(dist >= 0, torch.exp(ld[:, :, None] * dist.clamp(min=0)), 0.0)  # [Hkv, C, C]
+        within = within[None, :, None, None]
+    chunk_decay = None if log_decay is None else torch.exp(log_decay.to(q.dtype) * c)
+    s0 = None if state is None else state.to(kv.dtype)
+    before = _states_before_chunks(kv[:, :, 0], s0, chunk_decay)[:, :, None]  # [B, Hkv, 1, n, Dk, Dv]
+    out = (qc if decay_in is None else qc * decay_in) @ before  # [B, Hkv, G, n, C, Dv] inter-chunk part
+    scores = (qc @ kc.transpose(-1, -2)) * within  # [B, Hkv, G, n, C, C] intra-chunk part
     out.add_(scores @ vc)
+    out = out.view(b, hq, n * c, dv)[:, :, :t].transpose(1, 2)  # [B, T, Hq, Dv]
 
-    out = out.view(b, hq, n * c, dv)[:, :, :t].transpose(1, 2)  # [B, T, Hq, Dv] (a strided view)
-    final = before[:, :, 0, -1] + kv[:, :, 0, -1]  # [B, Hkv, Dk, Dv]
+    # the final state after the last real token (the last chunk may be padded)
+    last = c - pad
+    k_last, v_last, s_last = kc[:, :, 0, -1, :last], vc[:, :, 0, -1, :last], before[:, :, 0, -1]
+    if log_decay is None:
+        final = s_last + k_last.transpose(-1, -2) @ v_last
+    else:
+        ld = log_decay.to(q.dtype)[None, :, None, None]
+        weights = torch.exp(ld * (last - 1 - pos[:last])[None, None, :, None])  # g^(L-1-j)
+        final = torch.exp(ld * last) * s_last + (k_last * weights).transpose(-1, -2) @ v_last
     return out, final
+
+
+def bidirectional_linear_scan(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, chunk: int = DEFAULT_CHUNK, log_decay: torch.Tensor
+) -> torch.Tensor:
+    """``out_i = sum_j g^|i-j| (q_i . k_j) v_j`` over the whole sequence: a forward and a backward causal
+    scan, minus the diagonal that both count. Shapes as in :func:`causal_linear_scan`."""
+    fwd, _ = causal_linear_scan(q, k, v, chunk=chunk, log_decay=log_decay)
+    bwd, _ = causal_linear_scan(q.flip(1), k.flip(1), v.flip(1), chunk=chunk, log_decay=log_decay)
+    g = q.shape[2] // k.shape[2]
+    diag = (q * k.repeat_interleave(g, 2)).sum(-1, keepdim=True) * v.repeat_interleave(g, 2)  # [B, T, Hq, Dv]
+    return fwd + bwd.flip(1) - diag
