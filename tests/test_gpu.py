@@ -13,7 +13,8 @@ from attnkit import Pattern
 from attnkit.testing import DTYPE_NAMES, assert_close, cases, make_qkv, pattern_path_grid, random_chunks
 
 pytestmark = pytest.mark.gpu
-GRID = pattern_path_grid(cases())
+# the paths that take CUDA tensors (Triton kernels included)
+GRID = pattern_path_grid(cases(), device="cuda" if torch.cuda.is_available() else "cpu")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=DTYPE_NAMES.get)

@@ -102,25 +102,25 @@ def make_qkv(
     return ts[0], ts[1], ts[2]
 
 
-def probe_inputs(pattern: Pattern, tq: int = 8, tk: int = 8) -> AttentionInputs:
+def probe_inputs(pattern: Pattern, tq: int = 8, tk: int = 8, device: str = "cpu") -> AttentionInputs:
     """Small inputs for asking a path whether it supports a pattern (no compute)."""
-    q, k, v = (torch.zeros(1, t, 2, 4) for t in (tq, tk, tk))
+    q, k, v = (torch.zeros(1, t, 2, 4, device=device) for t in (tq, tk, tk))
     return AttentionInputs(q, k, v, pattern, 0.5, None, None, False)
 
 
-def paths_for(cls: type[Mechanism], mech: Mechanism, pattern: Pattern) -> list[FastPath]:
-    """The fast paths that accept ``pattern`` on plain inputs."""
-    x = probe_inputs(pattern, 8, 8 if pattern.is_self else 12)
+def paths_for(cls: type[Mechanism], mech: Mechanism, pattern: Pattern, device: str = "cpu") -> list[FastPath]:
+    """The fast paths that accept ``pattern`` on plain inputs on ``device``."""
+    x = probe_inputs(pattern, 8, 8 if pattern.is_self else 12, device)
     return [p for p in cls._fast_paths if not p.not_supported_reasons(mech, x)]
 
 
-def pattern_path_grid(case_list: list[Case]) -> list[tuple[Case, Pattern, str]]:
-    """(case, pattern, path) for every supported pattern and every fast path that takes it."""
+def pattern_path_grid(case_list: list[Case], device: str = "cpu") -> list[tuple[Case, Pattern, str]]:
+    """(case, pattern, path) for every supported pattern and every fast path that takes it on ``device``."""
     grid = []
     for case in case_list:
         mech = case.build(2, 4)
         for pattern in sorted(case.cls.patterns, key=lambda p: p.value):
-            grid.extend((case, pattern, p.name) for p in paths_for(case.cls, mech, pattern))
+            grid.extend((case, pattern, p.name) for p in paths_for(case.cls, mech, pattern, device))
     return grid
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from ..inputs import AttentionInputs
+from ..kernels.triton import triton_reasons
 from ..mechanism import Complexity, Mechanism, Paper, Shape, fast_path, register_mechanism
 from ..ops.gqa import repeat_kv
 from ..ops.masking import visibility, visible_counts
@@ -75,12 +76,8 @@ class Sigmoid(Mechanism):
         q = heads_first(x.q) * x.scale  # pre-scaled: s = q.k + bias
         k = heads_first(repeat_kv(x.k, x.groups))
         v = heads_first(repeat_kv(x.v, x.groups))
-        if self.options.bias is not None:
-            bias = torch.full((b * h, tq), self.options.bias, dtype=compute, device=q.device)
-        else:
-            n = visible_counts(x)  # [B|1, Tq]
-            bias = (-torch.log(n.clamp(min=1))).to(compute).expand(b, tq)
-            bias = bias[:, None, :].expand(b, h, tq).reshape(b * h, tq)
+        bias = self._bias(x).to(compute).expand(b, tq)  # [B, Tq]
+        bias = bias[:, None, :].expand(b, h, tq).reshape(b * h, tq)
         valid = None
         if x.key_padding_mask is not None:
             valid = x.key_padding_mask[:, None, :].expand(b, h, tk).reshape(b * h, tk)
@@ -88,6 +85,29 @@ class Sigmoid(Mechanism):
         out = tiled_sigmoid_attention(q, k, v, bias, valid=valid, causal_offset=causal_offset)  # [B*H, Tq, Dv]
         out = out.view(b, h, tq, -1).transpose(1, 2)  # [B, Tq, H, Dv]
         return out.to(x.q.dtype).contiguous(), None
+
+    @fast_path("triton", priority=20)
+    def triton(self, x: AttentionInputs):
+        from ..kernels.triton.sigmoid_attention import sigmoid_attention
+
+        out = sigmoid_attention(x.q, x.k, x.v, self._bias(x), scale=x.scale, valid=x.key_padding_mask,
+                                causal_offset=x.q_offset if x.pattern is Pattern.CAUSAL_SELF else None)  # fmt: skip
+        return out, None
+
+    @triton.unsupported
+    def triton(self, x: AttentionInputs) -> list[str]:
+        reasons = triton_reasons(x.q)
+        if max(x.q.shape[-1], x.v.shape[-1]) > 256:
+            reasons.append(f"head dims up to 256; got {x.q.shape[-1]} and {x.v.shape[-1]}")
+        if x.q.dtype == torch.float64:
+            reasons.append("float64 is not supported by the kernel")
+        return reasons
+
+    def _bias(self, x: AttentionInputs) -> torch.Tensor:
+        """The bias of each query ``[B|1, Tq]``: the option, or -log(keys it sees)."""
+        if self.options.bias is not None:
+            return torch.full((1, x.tq), float(self.options.bias), device=x.q.device)
+        return -torch.log(visible_counts(x).clamp(min=1))
 
     def flops(self, shape: Shape, pattern: Pattern) -> float:
         per_head = 2.0 * shape.tq * shape.tk * (shape.dk + shape.dv)
