@@ -189,7 +189,7 @@ def speed_cases(
         for pattern in pats:
             if pattern not in cls.patterns:
                 continue
-            paths = [p.name for p in paths_for(cls, mech, pattern)] if name in selected else []
+            paths = [p.name for p in paths_for(cls, mech, pattern, device)] if name in selected else []
             if name == "softmax":
                 paths = sorted(set(paths) | {"sdpa", "reference"})
             for path in paths:
