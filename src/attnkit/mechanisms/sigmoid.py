@@ -19,6 +19,7 @@ from ..kernels.triton import triton_reasons
 from ..mechanism import Complexity, Mechanism, Paper, Shape, fast_path, register_mechanism
 from ..ops.gqa import repeat_kv
 from ..ops.masking import visibility, visible_counts
+from ..ops.reference import upcast_qkv
 from ..ops.tiled_sigmoid import tiled_sigmoid_attention
 from ..options import check_float
 from ..patterns import ALL_PATTERNS, Pattern
@@ -47,10 +48,8 @@ class Sigmoid(Mechanism):
     fidelity_knob = ("bias", (None, -2.0))
 
     def reference(self, x: AttentionInputs):
-        compute = torch.float64 if x.q.dtype == torch.float64 else torch.float32
-        q = x.q.to(compute)
-        k = repeat_kv(x.k, x.groups).to(compute)  # [B, Tk, H, Dk]
-        v = repeat_kv(x.v, x.groups).to(compute)
+        q, k, v = upcast_qkv(x)  # [B, T, H, D] in fp32 (fp64)
+        compute = q.dtype
         seen = visibility(x)  # [B|1, 1, Tq, Tk] or None (every key visible)
         if self.options.bias is not None:
             bias = torch.tensor(self.options.bias, dtype=compute)

@@ -15,13 +15,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from ..inputs import AttentionInputs
 from ..mechanism import Complexity, Mechanism, Paper, Shape, fast_path, register_mechanism
 from ..ops.banded import band_pairs, banded_attention
-from ..ops.gqa import repeat_kv
-from ..ops.masking import masked_softmax, visibility
+from ..ops.reference import dense_softmax_attention
 from ..ops.sdpa import masked_sdpa
 from ..options import check_int
 from ..patterns import Pattern
@@ -56,14 +53,8 @@ class SlidingWindow(Mechanism):
         return window_predicate(self.options.window, causal=x.pattern is Pattern.CAUSAL_SELF)
 
     def reference(self, x: AttentionInputs):
-        compute = torch.float64 if x.q.dtype == torch.float64 else torch.float32
-        q = x.q.to(compute)
-        k = repeat_kv(x.k, x.groups).to(compute)  # [B, Tk, Hq, Dk]
-        v = repeat_kv(x.v, x.groups).to(compute)
-        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * x.scale  # [B, H, Tq, Tk]
-        probs = masked_softmax(scores, visibility(x, self._predicate(x)))  # window & pattern & padding
-        out = torch.einsum("bhqk,bkhd->bqhd", probs, v)  # [B, Tq, H, Dv]
-        return out.to(x.q.dtype), None
+        # softmax over the keys in the window (and the pattern, and not padded)
+        return dense_softmax_attention(x, self._predicate(x)), None
 
     # Dense SDPA with a window mask wins while the band covers much of the matrix (measured on the
     # 2-core CPU, window 256: dense is faster up to T ~ 2 * window, blocked beyond).

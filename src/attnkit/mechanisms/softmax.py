@@ -8,12 +8,9 @@ The reference writes the masked softmax out; the ``sdpa`` path calls PyTorch's f
 
 from __future__ import annotations
 
-import torch
-
 from ..inputs import AttentionInputs
 from ..mechanism import Complexity, Mechanism, Paper, Shape, fast_path, register_mechanism
-from ..ops.gqa import repeat_kv
-from ..ops.masking import masked_softmax, visibility
+from ..ops.reference import dense_softmax_attention
 from ..ops.sdpa import masked_sdpa
 from ..patterns import ALL_PATTERNS, Pattern
 from ..state import KVCache
@@ -34,14 +31,7 @@ class Softmax(Mechanism):
     complexity = Complexity(time="O(Tq·Tk·D)", memory="O(Tq + Tk) fused (reference: O(Tq·Tk))")
 
     def reference(self, x: AttentionInputs):
-        compute = torch.float64 if x.q.dtype == torch.float64 else torch.float32
-        q = x.q.to(compute)
-        k = repeat_kv(x.k, x.groups).to(compute)  # [B, Tk, Hq, Dk]
-        v = repeat_kv(x.v, x.groups).to(compute)
-        scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * x.scale  # [B, H, Tq, Tk]
-        probs = masked_softmax(scores, visibility(x))  # [B, H, Tq, Tk]
-        out = torch.einsum("bhqk,bkhd->bqhd", probs, v)  # [B, Tq, H, Dv]
-        return out.to(x.q.dtype), None
+        return dense_softmax_attention(x), None  # softmax(scale q k^T + mask) v, written out
 
     @fast_path("sdpa", priority=10)
     def sdpa(self, x: AttentionInputs):
