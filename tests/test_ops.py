@@ -153,3 +153,17 @@ def test_bidirectional_scan_matches_the_dense_form(chunk):
     decay = log_decay.repeat_interleave(2)[:, None, None].exp() ** dist  # [H, T, T]
     scores = torch.einsum("bqhd,bkhd->bhqk", q, k.repeat_interleave(2, 2)) * decay
     assert_close("bidirectional", torch.einsum("bhqk,bkhe->bqhe", scores, v.repeat_interleave(2, 2)), out, 1e-12)
+
+
+def test_option_docs_survives_statements_over_several_lines():
+    @dataclasses.dataclass(frozen=True)
+    class Opts:
+        size: int = 3  # how big it is
+
+        def __post_init__(self):
+            if self.size < 0:
+                raise ValueError(
+                    "a message long enough to be split over several lines by the formatter, " f"got {self.size}"
+                )
+
+    assert option_docs(Opts) == {"size": "how big it is"}

@@ -43,7 +43,10 @@ def option_docs(cls: type) -> dict[str, str]:
         return {}
     docs: dict[str, str] = {}
     for line in src.splitlines():
-        tokens = list(tokenize.generate_tokens(io.StringIO(line + "\n").readline))
+        try:
+            tokens = list(tokenize.generate_tokens(io.StringIO(line + "\n").readline))
+        except (tokenize.TokenError, SyntaxError):  # a line of a statement split over several lines
+            continue
         names = [t for t in tokens if t.type == tokenize.NAME]
         comments = [t for t in tokens if t.type == tokenize.COMMENT]
         ops = [t for t in tokens if t.type == tokenize.OP]
