@@ -168,9 +168,12 @@ def test_chunked_state_equals_full_call(item, masked, autograd):
     assert_close("chunked out", full, chunked, tol)
     if autograd:
         g = torch.randn_like(full)
-        full_grads = torch.autograd.grad(full, (q, k, v), g)
-        chunk_grads = torch.autograd.grad(chunked, (q, k, v), g)
+        full_grads = torch.autograd.grad(full, (q, k, v), g, allow_unused=True)
+        chunk_grads = torch.autograd.grad(chunked, (q, k, v), g, allow_unused=True)
         for name, r, f in zip(("dq", "dk", "dv"), full_grads, chunk_grads, strict=True):
+            if r is None:  # an input the mechanism does not use (aaren's learned query replaces q)
+                assert f is None, f"chunked {name}: a gradient where the full call has none"
+                continue
             assert_close(f"chunked {name}", r, f, tol * GRAD_SLACK)
 
     assert state.offset == t
