@@ -156,9 +156,13 @@ def test_interrupted_sweep_keeps_its_rows_and_resumes(tmp_path, sig):
     out, err = proc.communicate(timeout=60)
     with sqlite3.connect(db) as con:
         assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-        kept = con.execute("SELECT COUNT(*) FROM results WHERE status = 'ok' AND median_ms > 0").fetchone()[0]
+        measured = con.execute("SELECT COUNT(*) FROM results WHERE status = 'ok' AND median_ms > 0").fetchone()[0]
+        # final results: measured, or skipped for a reason (a loaded machine may trip the time budget)
+        kept = con.execute("SELECT COUNT(DISTINCT case_key) FROM results WHERE status IN ('ok', 'skipped')").fetchone()[
+            0
+        ]
         status = con.execute("SELECT status FROM runs").fetchone()[0]
-    assert kept >= 3
+    assert measured >= 3
     if sig == signal.SIGINT:
         assert proc.returncode == 130 and status == "interrupted" and "Ctrl-C" in err
     else:
@@ -168,5 +172,7 @@ def test_interrupted_sweep_keeps_its_rows_and_resumes(tmp_path, sig):
     assert res.returncode == 0, res.stderr
     assert f"{kept} already in the store" in res.stdout
     with sqlite3.connect(db) as con:
-        total = con.execute("SELECT COUNT(DISTINCT case_key) FROM results WHERE status = 'ok'").fetchone()[0]
+        total = con.execute(
+            "SELECT COUNT(DISTINCT case_key) FROM results WHERE status IN ('ok', 'skipped')"
+        ).fetchone()[0]
     assert total == 3 * 2 * 4  # (linear, SDPA, naive) x 2 patterns x 4 lengths
