@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from attnkit.bench.cases import speed_cases
 from attnkit.bench.store import SCHEMA_VERSION, Store, StoreError
 
 SMALL_SWEEP = [
@@ -175,4 +176,5 @@ def test_interrupted_sweep_keeps_its_rows_and_resumes(tmp_path, sig):
         total = con.execute(
             "SELECT COUNT(DISTINCT case_key) FROM results WHERE status IN ('ok', 'skipped')"
         ).fetchone()[0]
-    assert total == 3 * 2 * 4  # (linear, SDPA, naive) x 2 patterns x 4 lengths
+    expected = speed_cases(names="linear", patterns=("causal_self", "noncausal_self"), lengths=(64, 128, 256, 512))
+    assert total == len(expected)  # linear's paths, SDPA and naive softmax, for 2 patterns x 4 lengths

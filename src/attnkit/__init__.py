@@ -11,6 +11,7 @@ from . import mechanisms as _mechanism_files  # noqa: F401, I001
 from .api import attend, create, info, mechanisms
 from .errors import AttnkitError, DTypeError, InvalidOption, ShapeError, UnknownMechanism, UnsupportedPattern
 from .mechanism import Mechanism, MechanismInfo, last_path
+from .mechanisms.hedgehog import distill_attention
 from .nn import Attention
 from .patterns import Pattern
 from .state import KVCache, RecurrentState, State, WindowCache
@@ -34,6 +35,7 @@ __all__ = [
     "WindowCache",
     "attend",
     "create",
+    "distill_attention",
     "info",
     "last_path",
     "mechanisms",

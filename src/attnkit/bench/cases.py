@@ -22,7 +22,10 @@ MODES = ("fwd", "fwdbwd", "decode")
 DTYPES = ("float32", "bfloat16", "float16")
 BASELINES = {("softmax", "sdpa"): "SDPA softmax", ("softmax", "reference"): "naive softmax"}
 # options the sweep gives mechanisms (defaults otherwise): the values a reader expects in a comparison
-BENCH_OPTIONS: dict[str, dict[str, Any]] = {"sliding_window": {"window": 256}}
+BENCH_OPTIONS: dict[str, dict[str, Any]] = {
+    "sliding_window": {"window": 256},
+    "cosformer": {"max_len": 131072},  # positions must stay below max_len: room for the GPU preset's lengths
+}
 
 
 @dataclass(frozen=True)
