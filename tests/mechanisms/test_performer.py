@@ -9,7 +9,7 @@ import torch
 
 import attnkit
 from attnkit.errors import InvalidOption
-from attnkit.mechanisms.performer import orthogonal_gaussian
+from attnkit.ops.feature_maps import orthogonal_gaussian
 from attnkit.testing import assert_close, make_qkv, rel_rmse
 
 PATTERNS = ("noncausal_self", "causal_self", "noncausal_cross", "causal_cross")

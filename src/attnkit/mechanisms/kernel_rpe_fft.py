@@ -37,6 +37,7 @@ from ..errors import InvalidOption, ShapeError
 from ..inputs import AttentionInputs
 from ..mechanism import Complexity, Mechanism, Paper, Shape, fast_path, register_mechanism
 from ..ops.chunked import causal_linear_scan
+from ..ops.feature_maps import orthogonal_gaussian
 from ..ops.gqa import group_queries, repeat_kv
 from ..ops.masking import visibility, visible_counts
 from ..options import check_choice, check_float, check_int
@@ -77,20 +78,6 @@ class KernelRPEFFTOptions:
 
 def _shape(x: AttentionInputs) -> Shape:
     return Shape(x.batch, x.tq, x.tk, x.heads, x.kv_heads, x.q.shape[-1], x.v.shape[-1])
-
-
-def orthogonal_gaussian(rows: int, dim: int, seed: int) -> torch.Tensor:
-    """FAVOR+'s projection ``[rows, dim]``: blocks of orthonormal rows, each scaled to the norm of a
-    Gaussian vector, so every row is marginally N(0, I) while rows within a block are orthogonal."""
-    gen = torch.Generator().manual_seed(seed)
-    blocks = []
-    for _ in range(-(-rows // dim)):
-        q, r = torch.linalg.qr(torch.randn(dim, dim, generator=gen, dtype=torch.float64))
-        q = q * torch.sign(r.diagonal())  # QR fixes signs (Householder): undo that, else E[w] != 0
-        blocks.append(q.T)  # [dim, dim] orthonormal rows, uniformly (Haar) distributed
-    w = torch.cat(blocks)[:rows]  # [rows, dim]
-    norms = torch.randn(rows, dim, generator=gen, dtype=torch.float64).norm(dim=1)  # chi(dim) lengths
-    return w * norms[:, None]
 
 
 def fast_fft_length(n: int) -> int:

@@ -29,7 +29,6 @@ have norm 11) pointing along the longest w. ``eps`` is added to the (query-stabi
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -39,6 +38,7 @@ import torch
 from ..inputs import AttentionInputs
 from ..mechanism import Complexity, Paper, Shape, register_mechanism
 from ..ops.chunked import DEFAULT_CHUNK
+from ..ops.feature_maps import orthogonal_gaussian
 from ..options import check_float, check_int
 from ..patterns import ALL_PATTERNS, Pattern
 from ._kernel_base import KernelAttention
@@ -59,24 +59,6 @@ class PerformerOptions:
             check_int("performer", "seed", self.seed, minimum=0)
         check_float("performer", "eps", self.eps, positive=True)
         check_int("performer", "chunk_size", self.chunk_size)
-
-
-@functools.lru_cache(maxsize=64)  # mechanisms built with the same seed share one draw (read-only)
-def orthogonal_gaussian(num_features: int, dim: int, seed: int) -> torch.Tensor:
-    """``W [m, d]`` in fp64 on the CPU: per ``d x d`` block the orthonormal rows of Q from the QR of a
-    Gaussian matrix, the last block cut to ``m mod d`` rows, each row scaled to a chi_d-distributed norm.
-
-    Q's columns are multiplied by the signs of R's diagonal (Mezzadri 2007): LAPACK's Householder QR
-    otherwise makes the first coordinate of Q's first column always negative, and the rows of W would
-    not be Gaussian-distributed (the estimator would be biased)."""
-    g = torch.Generator().manual_seed(seed)
-    n_blocks = -(-num_features // dim)
-    gauss = torch.randn(n_blocks, dim, dim, generator=g, dtype=torch.float64)  # [n, d, d]
-    q, r = torch.linalg.qr(gauss)  # columns of each Q orthonormal
-    q = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))[:, None, :]  # Haar: each column uniform on the sphere
-    w = q.transpose(-1, -2).reshape(n_blocks * dim, dim)[:num_features]  # [m, d]: blocks of orthonormal rows
-    norms = torch.randn(num_features, dim, generator=g, dtype=torch.float64).norm(dim=1)  # [m] ~ chi_d
-    return w * norms[:, None]
 
 
 @register_mechanism("performer")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -12,3 +13,21 @@ FEATURE_MAPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": F.relu,
     "identity": lambda x: x,  # no guarantee of positive scores: the normaliser may vanish
 }
+
+
+@functools.lru_cache(maxsize=64)  # mechanisms built with the same seed share one draw (read-only)
+def orthogonal_gaussian(num_features: int, dim: int, seed: int) -> torch.Tensor:
+    """``W [m, d]`` in fp64 on the CPU: per ``d x d`` block the orthonormal rows of Q from the QR of a
+    Gaussian matrix, the last block cut to ``m mod d`` rows, each row scaled to a chi_d-distributed norm.
+
+    Q's columns are multiplied by the signs of R's diagonal (Mezzadri 2007): LAPACK's Householder QR
+    otherwise makes the first coordinate of Q's first column always negative, and the rows of W would
+    not be Gaussian-distributed (the estimator would be biased)."""
+    g = torch.Generator().manual_seed(seed)
+    n_blocks = -(-num_features // dim)
+    gauss = torch.randn(n_blocks, dim, dim, generator=g, dtype=torch.float64)  # [n, d, d]
+    q, r = torch.linalg.qr(gauss)  # columns of each Q orthonormal
+    q = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1))[:, None, :]  # Haar: each column uniform on the sphere
+    w = q.transpose(-1, -2).reshape(n_blocks * dim, dim)[:num_features]  # [m, d]: blocks of orthonormal rows
+    norms = torch.randn(num_features, dim, generator=g, dtype=torch.float64).norm(dim=1)  # [m] ~ chi_d
+    return w * norms[:, None]
