@@ -247,7 +247,7 @@ class Mechanism(nn.Module):
             spatial_shape=spatial_shape,
         )
         self.check_call(x)
-        x, cache = self._join_cache(x)
+        x, cache = self.join_cache(x)
         run = self._choose_path(path, x)
         out, new_state = run(self, x)
         self.last_path = _last.path = run.name if isinstance(run, FastPath) else "reference"
@@ -332,8 +332,14 @@ class Mechanism(nn.Module):
         if state.tensors() and next(iter(state.tensors().values())).device != k.device:
             raise ShapeError(f"state is on {next(iter(state.tensors().values())).device} but k is on {k.device}")
 
-    def _join_cache(self, x: AttentionInputs) -> tuple[AttentionInputs, State | None]:
-        """For KV-cache mechanisms: prepend the cached keys and return the next cache."""
+    def join_cache(self, x: AttentionInputs) -> tuple[AttentionInputs, State | None]:
+        """Runs before dispatch: returns the inputs every path sees, and the next state if this hook
+        already made it (else None and the path returns it).
+
+        KV-cache mechanisms: prepend the cached keys (query i then sits at key position i + q_offset)
+        and make the next cache. A mechanism overrides this when its paths need other inputs, e.g. a
+        cache of transformed keys, or k, v repeated to the query heads (one state per query head).
+        """
         kind = self.state_kind
         if kind is None or not issubclass(kind, KVCache) or (x.state is None and not x.want_state):
             return x, None

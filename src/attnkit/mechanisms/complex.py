@@ -150,7 +150,7 @@ class Complex(Mechanism):
 
     # ---- state -------------------------------------------------------------------------------------
 
-    def _join_cache(self, x: AttentionInputs):
+    def join_cache(self, x: AttentionInputs):
         return x, None  # the paths join the cache: it holds rotated keys, which only they compute
 
     def _join(self, x: AttentionInputs, k: torch.Tensor, v: torch.Tensor):

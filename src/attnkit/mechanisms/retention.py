@@ -70,12 +70,12 @@ class HeadwiseDecay(KernelAttention):
         raise NotImplementedError
 
     def log_decay(self, x: AttentionInputs) -> torch.Tensor:
-        # after _join_cache, x has one kv head per query head
+        # after join_cache, x has one kv head per query head
         return self.head_log_decays(x.heads).to(device=x.q.device, dtype=self.compute_dtype(x))
 
     # ---- GQA and state: one state per query head ----------------------------------------------------
 
-    def _join_cache(self, x: AttentionInputs) -> tuple[AttentionInputs, State | None]:
+    def join_cache(self, x: AttentionInputs) -> tuple[AttentionInputs, State | None]:
         """Repeat k, v to the query heads (GQA) so that every query head has its own decay and state."""
         if x.groups > 1:
             x = x.replace(k=repeat_kv(x.k, x.groups), v=repeat_kv(x.v, x.groups))

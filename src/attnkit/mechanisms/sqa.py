@@ -141,7 +141,7 @@ class SQA(Mechanism):
 
     # ---- state -------------------------------------------------------------------------------------
 
-    def _join_cache(self, x: AttentionInputs):
+    def join_cache(self, x: AttentionInputs):
         return x, None  # the paths join the cache: it holds the reduced kv heads, which only they compute
 
     def _join(self, x: AttentionInputs, k: torch.Tensor, v: torch.Tensor) -> tuple[AttentionInputs, SQACache | None]:
