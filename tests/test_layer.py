@@ -88,6 +88,8 @@ def test_rope_makes_scores_depend_on_distance_only():
 
 
 def test_layer_errors():
+    with pytest.raises(InvalidOption, match="must be between 1 and heads=4"):
+        attnkit.Attention(32, heads=4, query_heads=8)
     with pytest.raises(InvalidOption, match="multiple of kv_heads=3"):
         attnkit.Attention(32, heads=4, kv_heads=3)
     with pytest.raises(InvalidOption, match="rope=True needs a self pattern"):
@@ -103,3 +105,20 @@ def test_layer_errors():
         attnkit.Attention(32, heads=4, pattern="causal_cross")(torch.randn(1, 3, 32))
     with pytest.raises(InvalidOption, match="sliding_window has no option 'windw'"):
         attnkit.Attention(32, heads=4, mechanism="sliding_window", windw=3)
+
+
+def test_sparse_query_heads_layer():
+    """query_heads=2 of 8: a quarter of the query projection and of the attention work, same output size."""
+    torch.manual_seed(0)
+    full = attnkit.Attention(64, heads=8, pattern="noncausal_self")
+    sqa = attnkit.Attention(64, heads=8, query_heads=2, kv_heads=1, pattern="noncausal_self")
+    assert sqa.head_dim == full.head_dim == 8 and sqa.heads == 2
+    assert sqa.q_proj.weight.numel() * 4 == full.q_proj.weight.numel()
+    assert sqa.o_proj.weight.numel() * 4 == full.o_proj.weight.numel()
+    x = torch.randn(2, 10, 64)
+    q = sqa.q_proj(x).view(2, 10, 2, 8)
+    k = sqa.k_proj(x).view(2, 10, 1, 8).expand(-1, -1, 2, -1)
+    v = sqa.v_proj(x).view(2, 10, 1, 8).expand(-1, -1, 2, -1)
+    probs = torch.softmax(torch.einsum("bqhd,bkhd->bhqk", q, k) / 8**0.5, -1)
+    expected = sqa.o_proj(torch.einsum("bhqk,bkhd->bqhd", probs, v).reshape(2, 10, 16))
+    torch.testing.assert_close(sqa(x), expected)

@@ -20,9 +20,11 @@ class Attention(nn.Module):
 
     Args:
         dim: model width of ``x`` (and of the output).
-        heads: query heads.
-        kv_heads: key/value heads (GQA/MQA); must divide ``heads``. Default: ``heads``.
+        heads: the model's heads (they set ``head_dim``).
+        kv_heads: key/value heads (GQA/MQA); must divide the query heads. Default: the query heads.
         head_dim: per-head width. Default: ``dim // heads``.
+        query_heads: Sparse Query Attention (Filipek, 2025, arXiv:2510.01817): compute only this many
+            query heads (projections and attention FLOPs x ``query_heads / heads``). Default: ``heads``.
         mechanism: registered mechanism name (``attnkit list``).
         pattern: the attention pattern; cross patterns read keys and values from ``context``.
         rope: rotary position embedding on queries and keys (self patterns only: cross attention
@@ -45,14 +47,18 @@ class Attention(nn.Module):
         rope_base: float = 10000.0,
         context_dim: int | None = None,
         bias: bool = False,
+        query_heads: int | None = None,
         **options: Any,
     ):
         super().__init__()
         self.pattern = as_pattern(pattern)
+        head_dim = head_dim or dim // heads
+        if query_heads is not None and not 1 <= query_heads <= heads:
+            raise InvalidOption(f"query_heads={query_heads} must be between 1 and heads={heads}")
+        heads = query_heads or heads  # the query heads actually computed
         kv_heads = kv_heads or heads
         if heads % kv_heads:
-            raise InvalidOption(f"heads={heads} must be a multiple of kv_heads={kv_heads}")
-        head_dim = head_dim or dim // heads
+            raise InvalidOption(f"query heads ({heads}) must be a multiple of kv_heads={kv_heads}")
         if head_dim < 1:
             raise InvalidOption(f"dim={dim} with heads={heads} leaves no head dim; pass head_dim")
         if rope and not self.pattern.is_self:
