@@ -163,7 +163,7 @@ def test_option_docs_survives_statements_over_several_lines():
         def __post_init__(self):
             if self.size < 0:
                 raise ValueError(
-                    "a message long enough to be split over several lines by the formatter, " f"got {self.size}"
+                    f"a message long enough to be split over several lines by the formatter, got {self.size}"
                 )
 
     assert option_docs(Opts) == {"size": "how big it is"}
