@@ -31,3 +31,22 @@ def test_subprocess_probe_is_not_fooled_by_a_big_parent():
     )
     assert path == "blocked" and big > 10 * 2**20 and big > 4 * small
     del ballast
+
+
+def test_every_fidelity_case_can_be_built():
+    """Each mechanism's fidelity knob values must be valid options at the sweep's head count."""
+    import attnkit
+    from attnkit.bench.fidelity import fidelity_cases
+
+    seen = set()
+    for case in fidelity_cases(lengths=(8,)):
+        key = (case.mechanism, case.options)
+        if key not in seen:
+            seen.add(key)
+            attnkit.create(
+                case.mechanism,
+                heads=case.heads,
+                head_dim=case.head_dim,
+                **{k: v for k, v in case.options if v is not None},
+            )
+    assert len({m for m, _ in seen}) >= 10
