@@ -68,11 +68,13 @@ def build_report(db: str | Path, out: str | Path) -> Path:
         body.append(f'<section id="{anchor}"><h2>{escape(title)}</h2><div class="{wrap}">{content}</div></section>')
     nav = " ".join(f'<a href="#{a}">{escape(t)}</a>' for a, t, _ in SECTIONS)
     measured = sum(1 for r in rows if r["status"] == "ok")
+    devices = sorted({r["device"] for r in rows if r.get("device")})
     html = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>attnkit report</title>
 <meta name="viewport" content="width=device-width, initial-scale=1"><style>{STYLE}</style></head>
 <body><h1>attnkit benchmark report</h1>
-<p class="sub">attnkit {__version__} · {measured} measurements · written {time.strftime("%Y-%m-%d %H:%M")}</p>
+<p class="sub">attnkit {__version__} · {measured} measurements on {escape(", ".join(devices) or "no device")} ·
+written {time.strftime("%Y-%m-%d %H:%M")}</p>
 <nav>{nav}</nav>
 {"".join(body)}
 <script>{CHECK_SCRIPT}</script></body></html>

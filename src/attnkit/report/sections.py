@@ -9,7 +9,9 @@ from collections import defaultdict
 from html import escape
 from typing import Any
 
+from ..api import info
 from ..bench.derived import NAIVE, SDPA, Curve, baseline_of, curves, summarise
+from ..errors import AttnkitError
 from .svg import Chart, Series, render
 
 MIB = 2**20
@@ -39,17 +41,43 @@ def _series_of(cs: list[Curve], field: str, scale: float = 1.0) -> list[Series]:
     return out
 
 
+# Curves are drawn in groups of related mechanisms (each chart also gets the softmax baselines), so
+# that a catalogue of dozens of mechanisms stays readable.
+FAMILY_GROUPS = {
+    "kernel": "kernel (linear) attention",
+    "decay": "decay and recurrent",
+    "recurrent softmax": "decay and recurrent",
+    "hybrid": "decay and recurrent",
+}
+OTHER_GROUP = "softmax variants, sparse and routed"
+
+
+def _group_of(curve: Curve) -> str:
+    try:
+        family = info(curve.mechanism).family
+    except AttnkitError:  # a peer's counterpart that attnkit does not have (yet)
+        return "peers"
+    return FAMILY_GROUPS.get(family, OTHER_GROUP)
+
+
 def _by_setting(all_curves: list[Curve], mode: str | None = None) -> dict[tuple, list[Curve]]:
-    groups: dict[tuple, list[Curve]] = defaultdict(list)
+    """(pattern, mode, dtype, device, group) -> its curves, the SDPA and naive baselines in every group."""
+    settings: dict[tuple, list[Curve]] = defaultdict(list)
     for c in all_curves:
         if mode is None or c.mode == mode:
-            groups[(c.pattern, c.mode, c.dtype, c.device)].append(c)
+            settings[(c.pattern, c.mode, c.dtype, c.device)].append(c)
+    groups: dict[tuple, list[Curve]] = {}
+    for key, cs in settings.items():
+        baselines = [c for c in cs if not c.peer and (c.mechanism, c.path) in (SDPA, NAIVE)]
+        names = sorted({_group_of(c) for c in cs if c not in baselines}) or [OTHER_GROUP]
+        for name in names:
+            groups[(*key, name)] = [c for c in cs if c not in baselines and _group_of(c) == name] + baselines
     return dict(sorted(groups.items()))
 
 
 def _setting_title(key: tuple) -> str:
-    pattern, mode, dtype, device = key
-    return f"{pattern}, {'forward' if mode == 'fwd' else 'forward + backward'}, {dtype}, {device}"
+    pattern, mode, dtype, _device, group = key
+    return f"{group}: {pattern}, {'forward' if mode == 'fwd' else 'forward + backward'}, {dtype}"
 
 
 def machine(runs: list[dict[str, Any]], db: str) -> str:
@@ -103,7 +131,7 @@ def speedup(rows: list[dict[str, Any]]) -> str:
             parts.append(
                 render(
                     Chart(
-                        f"Speed-up over SDPA softmax: {_setting_title(key)}",
+                        f"Speed-up vs SDPA: {_setting_title(key)}",
                         "T (keys)",
                         "SDPA ms / mechanism ms",
                         series,

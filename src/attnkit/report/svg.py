@@ -96,6 +96,8 @@ def _ticks_linear(lo: float, hi: float) -> list[float]:
 def _fmt(v: float) -> str:
     if v >= 1024 and float(v).is_integer() and int(v) % 1024 == 0:
         return f"{int(v) // 1024}K"
+    if v >= 1000:
+        return f"{v:,.0f}"
     return f"{v:.3g}"
 
 
@@ -105,6 +107,7 @@ def render(chart: Chart, width: int = 660, height: int = 340) -> str:
     if not pts:
         return f'<p class="empty">{escape(chart.title)}: no data.</p>'
     left, right, top, bottom = 64, 190, 30, 46
+    height = max(height, top + 16 * len(chart.series) + 12)  # room for every legend entry
     pw, ph = width - left - right, height - top - bottom
     xs, ys = [p[0] for p in pts], [p[1] for p in pts]
     if chart.reference_y is not None:
