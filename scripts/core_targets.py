@@ -40,8 +40,10 @@ def softmax_overhead() -> None:
                 direct=lambda: F.scaled_dot_product_attention(qh, kh, vh, is_causal=causal),  # noqa: B023
                 attnkit=lambda: attnkit.attend(q, k, v, pattern=pattern),  # noqa: B023
             )
-            print(f"  T={t:5d} {pattern:15s} direct {r['direct']:8.1f} ms  attnkit {r['attnkit']:8.1f} ms"
-                  f"  ratio {r['attnkit'] / r['direct']:.3f}")
+            print(
+                f"  T={t:5d} {pattern:15s} direct {r['direct']:8.1f} ms  attnkit {r['attnkit']:8.1f} ms"
+                f"  ratio {r['attnkit'] / r['direct']:.3f}"
+            )
 
 
 def versus_sdpa(name: str, pattern: str, lengths, **options) -> None:
@@ -53,8 +55,10 @@ def versus_sdpa(name: str, pattern: str, lengths, **options) -> None:
             sdpa=lambda: attnkit.attend(q, k, v, pattern=pattern),  # noqa: B023
         )
         attnkit.attend(q, k, v, name, pattern=pattern, **options)
-        print(f"  {name} {pattern} T={t}: {r['mech']:.1f} ms ({attnkit.last_path()}), SDPA {r['sdpa']:.1f} ms,"
-              f" SDPA/{name} = {r['sdpa'] / r['mech']:.2f}")
+        print(
+            f"  {name} {pattern} T={t}: {r['mech']:.1f} ms ({attnkit.last_path()}), SDPA {r['sdpa']:.1f} ms,"
+            f" SDPA/{name} = {r['sdpa'] / r['mech']:.2f}"
+        )
 
 
 def memory(name: str, lengths, **options) -> None:
