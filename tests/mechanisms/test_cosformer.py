@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from kernel_literal import pairwise_kernel_attention
 
 import attnkit
 from attnkit.errors import InvalidOption
@@ -17,20 +18,11 @@ PATTERNS = ("noncausal_self", "causal_self", "noncausal_cross", "causal_cross")
 def cosformer_literal(q, k, v, pattern, max_len, eps=1e-6):
     """The paper, one pair at a time in fp64: s_ij = relu(q_i).relu(k_j) cos(pi/2 (i - j) / M),
     out_i = sum_j s_ij v_j / (sum_j s_ij + eps) over the keys query i sees (queries and keys numbered from 0)."""
-    b, tq, hq, _ = q.shape
-    tk, hkv = k.shape[1], k.shape[2]
-    out = torch.zeros(b, tq, hq, v.shape[-1], dtype=torch.float64)
-    for bi in range(b):
-        for h in range(hq):
-            kv = h // (hq // hkv)
-            for i in range(tq):
-                num, den = torch.zeros(v.shape[-1], dtype=torch.float64), 0.0
-                last = i if pattern == "causal_self" else tk - 1
-                for j in range(last + 1):
-                    s = torch.relu(q[bi, i, h]) @ torch.relu(k[bi, j, kv]) * math.cos(math.pi / 2 * (i - j) / max_len)
-                    num, den = num + s * v[bi, j, kv], den + s
-                out[bi, i, h] = num / (den + eps)
-    return out
+
+    def s(qi, kj, i, j, h):
+        return torch.relu(qi) @ torch.relu(kj) * math.cos(math.pi / 2 * (i - j) / max_len)
+
+    return pairwise_kernel_attention(q, k, v, pattern, s, eps)
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from kernel_literal import pairwise_kernel_attention
 
 import attnkit
 from attnkit.errors import AttnkitError, InvalidOption, ShapeError
@@ -27,26 +28,13 @@ def randomised(heads, head_dim, **options):
 def hedgehog_literal(q, k, v, weight, bias, pattern, eps=1e-6):
     """The paper, one pair at a time in fp64: phi_h(x) = [softmax(W_h x + b_h), softmax(-(W_h x + b_h))], query
     head h maps its queries and the keys it reads with phi_h; out_i = sum_j s_ij v_j / (sum_j s_ij + eps)."""
-    b, tq, hq, _ = q.shape
-    tk, hkv = k.shape[1], k.shape[2]
     w, bb = weight.detach().double(), bias.detach().double()
 
     def phi(x, h):
         z = w[h] @ x + bb[h]
         return torch.cat([torch.softmax(z, 0), torch.softmax(-z, 0)])
 
-    out = torch.zeros(b, tq, hq, v.shape[-1], dtype=torch.float64)
-    for bi in range(b):
-        for h in range(hq):
-            kv = h // (hq // hkv)
-            for i in range(tq):
-                num, den = torch.zeros(v.shape[-1], dtype=torch.float64), 0.0
-                last = i if pattern == "causal_self" else tk - 1
-                for j in range(last + 1):
-                    s = phi(q[bi, i, h], h) @ phi(k[bi, j, kv], h)
-                    num, den = num + s * v[bi, j, kv], den + s
-                out[bi, i, h] = num / (den + eps)
-    return out
+    return pairwise_kernel_attention(q, k, v, pattern, lambda qi, kj, i, j, h: phi(qi, h) @ phi(kj, h), eps)
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)

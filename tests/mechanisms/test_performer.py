@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from kernel_literal import pairwise_kernel_attention
 
 import attnkit
 from attnkit.errors import InvalidOption
@@ -18,26 +19,14 @@ PATTERNS = ("noncausal_self", "causal_self", "noncausal_cross", "causal_cross")
 def favor_literal(q, k, v, w, pattern):
     """The paper, a query and a key at a time in fp64: phi(x) = exp(W x - |x|^2/2) / sqrt(m), x = q d^(-1/4),
     out_i = sum_j phi(q_i).phi(k_j) v_j / sum_j phi(q_i).phi(k_j) over the keys query i sees. No stabiliser."""
-    b, tq, hq, d = q.shape
-    tk, hkv = k.shape[1], k.shape[2]
+    d = q.shape[-1]
     m = w.shape[0]
 
     def phi(x):
         x = x * d**-0.25
         return torch.exp(w @ x - 0.5 * x @ x) / math.sqrt(m)
 
-    out = torch.zeros(b, tq, hq, v.shape[-1], dtype=torch.float64)
-    for bi in range(b):
-        for h in range(hq):
-            kv = h // (hq // hkv)
-            for i in range(tq):
-                num, den = torch.zeros(v.shape[-1], dtype=torch.float64), 0.0
-                last = i if pattern == "causal_self" else tk - 1
-                for j in range(last + 1):
-                    s = phi(q[bi, i, h]) @ phi(k[bi, j, kv])
-                    num, den = num + s * v[bi, j, kv], den + s
-                out[bi, i, h] = num / den
-    return out
+    return pairwise_kernel_attention(q, k, v, pattern, lambda qi, kj, i, j, h: phi(qi) @ phi(kj))
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)

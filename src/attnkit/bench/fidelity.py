@@ -133,10 +133,5 @@ def run_fidelity(
                 summary.failures.append(f"{case.label()}: {exc}")
             progress.finish_case(0.0)
     except KeyboardInterrupt:
-        summary.interrupted = True
-        store.finish_run(run, "interrupted")
-        progress.close(summary.text())
-        return summary
-    store.finish_run(run)
-    progress.close(summary.text())
-    return summary
+        return summary.close(store, run, progress, interrupted=True)
+    return summary.close(store, run, progress)

@@ -20,7 +20,7 @@ import torch
 from .cases import Case
 from .env import command_line, environment, matmul_peak_gflops, new_run_id
 from .progress import Progress
-from .store import Store
+from .store import Run, Store
 
 log = logging.getLogger(__name__)
 WORKER_START_S = 30.0  # allowance for a worker's interpreter and torch import, on top of the case budget
@@ -62,6 +62,13 @@ class Summary:
             f"{self.failed} failed",
         ]
         return ("interrupted: " if self.interrupted else "sweep done: ") + ", ".join(parts)
+
+    def close(self, store: Store, run: Run, progress: Progress, *, interrupted: bool = False) -> Summary:
+        """Mark the run finished (or interrupted) in the store and end the progress bar."""
+        self.interrupted = interrupted
+        store.finish_run(run, "interrupted" if interrupted else "finished")
+        progress.close(self.text())
+        return self
 
 
 @dataclass
@@ -206,10 +213,5 @@ def run_sweep(
                 summary.failures.append(f"{case.label()}: {result['status']}: {result.get('reason')}")
             progress.finish_case(time.perf_counter() - started)
     except KeyboardInterrupt:
-        summary.interrupted = True
-        store.finish_run(run, "interrupted")
-        progress.close(summary.text())
-        return summary
-    store.finish_run(run)
-    progress.close(summary.text())
-    return summary
+        return summary.close(store, run, progress, interrupted=True)
+    return summary.close(store, run, progress)
