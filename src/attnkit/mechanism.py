@@ -325,12 +325,7 @@ class Mechanism(nn.Module):
             assert isinstance(state, RecurrentState)
             want = (b, hkv, self.state_dk(dk), dv)
             got = tuple(state.S.shape)
-        if tuple(got) != want:
-            raise ShapeError(
-                f"state does not fit the inputs: it holds (batch, kv_heads, dk, dv) = {tuple(got)}, the call has {want}"
-            )
-        if state.tensors() and next(iter(state.tensors().values())).device != k.device:
-            raise ShapeError(f"state is on {next(iter(state.tensors().values())).device} but k is on {k.device}")
+        state.check_fits("batch, kv_heads, dk, dv", got, want, k.device)
 
     def join_cache(self, x: AttentionInputs) -> tuple[AttentionInputs, State | None]:
         """Runs before dispatch: returns the inputs every path sees, and the next state if this hook

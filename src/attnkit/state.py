@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from .errors import ShapeError
+
 
 @dataclass(frozen=True)
 class State:
@@ -34,6 +36,17 @@ class State:
     def nbytes(self) -> int:
         """Memory held by the state's tensors."""
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    def check_fits(self, layout: str, got: tuple[int, ...], want: tuple[int, ...], device: torch.device) -> None:
+        """Raise ShapeError unless the dims ``got`` this state holds (named by ``layout``, e.g. "batch, heads,
+        dv") equal the ``want`` of the call, and its tensors are on the call's ``device``."""
+        if tuple(got) != tuple(want):
+            raise ShapeError(
+                f"state does not fit the inputs: it holds ({layout}) = {tuple(got)}, the call has {tuple(want)}"
+            )
+        held = next(iter(self.tensors().values()), None)
+        if held is not None and held.device != device:
+            raise ShapeError(f"state is on {held.device} but k is on {device}")
 
     def to(self, *args, **kwargs) -> State:
         """Like ``Tensor.to``: move or cast every tensor field."""

@@ -247,10 +247,7 @@ class Aaren(Mechanism):
     def check_state(self, state: State, k: torch.Tensor, v: torch.Tensor) -> None:
         assert isinstance(state, AarenState)
         want, got = (k.shape[0], self.heads, v.shape[-1]), tuple(state.w.shape)
-        if got != want:
-            raise ShapeError(f"state does not fit the inputs: it holds (batch, heads, dv) = {got}, the call has {want}")
-        if state.w.device != k.device:
-            raise ShapeError(f"state is on {state.w.device} but k is on {k.device}")
+        state.check_fits("batch, heads, dv", got, want, k.device)
 
     def state_bytes(self, shape: Shape, dtype: torch.dtype = torch.float32) -> int:
         elt = 8 if dtype == torch.float64 else 4

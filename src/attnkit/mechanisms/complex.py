@@ -168,12 +168,7 @@ class Complex(Mechanism):
     def check_state(self, state, k: torch.Tensor, v: torch.Tensor) -> None:
         want = (k.shape[0], self.heads, k.shape[-1], v.shape[-1])
         got = (state.k.shape[0], state.k.shape[2], state.k.shape[3], state.v.shape[3])
-        if got != want:
-            raise ShapeError(
-                f"state does not fit the inputs: it holds (batch, heads, dk, dv) = {got}, the call has {want}"
-            )
-        if state.k.device != k.device:
-            raise ShapeError(f"state is on {state.k.device} but k is on {k.device}")
+        state.check_fits("batch, heads, dk, dv", got, want, k.device)
 
     def state_bytes(self, shape: Shape, dtype: torch.dtype = torch.float32) -> int:
         elt = torch.empty(0, dtype=dtype).element_size()

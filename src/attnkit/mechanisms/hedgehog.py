@@ -135,13 +135,7 @@ class Hedgehog(KernelAttention):
     def check_state(self, state: State, k: torch.Tensor, v: torch.Tensor) -> None:
         assert isinstance(state, RecurrentState)
         want = (k.shape[0], self.heads, self.state_dk(k.shape[-1]), v.shape[-1])
-        if tuple(state.S.shape) != want:
-            raise ShapeError(
-                f"state does not fit the inputs: it holds (batch, heads, 2F, dv) = {tuple(state.S.shape)}, "
-                f"the call needs {want}"
-            )
-        if state.S.device != k.device:
-            raise ShapeError(f"state is on {state.S.device} but k is on {k.device}")
+        state.check_fits("batch, heads, 2F, dv", tuple(state.S.shape), want, k.device)
 
     def state_dk(self, dk: int) -> int:
         return 2 * self.feature_dim

@@ -391,12 +391,7 @@ class Rala(Mechanism):
     def check_state(self, state: State, k: torch.Tensor, v: torch.Tensor) -> None:
         want = (k.shape[0], self.heads, k.shape[-1], v.shape[-1])
         got = tuple(state.S.shape)
-        if got != want:
-            raise ShapeError(
-                f"state does not fit the inputs: it holds (batch, heads, dk, dv) = {got}, the call has {want}"
-            )
-        if state.S.device != k.device:
-            raise ShapeError(f"state is on {state.S.device} but k is on {k.device}")
+        state.check_fits("batch, heads, dk, dv", got, want, k.device)
 
     def state_bytes(self, shape: Shape, dtype: torch.dtype = torch.float32) -> int:
         per_head = shape.dk * shape.dv + 2 * shape.dk + 2  # S, z and q_sum, Z and m

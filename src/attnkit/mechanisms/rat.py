@@ -322,12 +322,7 @@ class RAT(Mechanism):
     def check_state(self, state: State, k: torch.Tensor, v: torch.Tensor) -> None:
         assert isinstance(state, RATState)
         want, got = (k.shape[0], self.heads, 2, v.shape[-1]), tuple(state.h.shape)
-        if got != want:
-            raise ShapeError(
-                f"state does not fit the inputs: it holds (batch, heads, (k, v), dv) = {got}, the call has {want}"
-            )
-        if state.h.device != k.device:
-            raise ShapeError(f"state is on {state.h.device} but k is on {k.device}")
+        state.check_fits("batch, heads, (k, v), dv", got, want, k.device)
 
     def state_bytes(self, shape: Shape, dtype: torch.dtype = torch.float32) -> int:
         elt = 8 if dtype == torch.float64 else 4
