@@ -25,6 +25,14 @@ def test_list_prints_the_capability_matrix(capsys):
     assert lines["sliding_window"].split()[3:7] == ["✓", "✓", "—", "—"]
     assert lines["softmax"].split()[2:6] == ["✓", "✓", "✓", "✓"]
     assert "NS" in out and "CC" in out and "Attention Is All You Need" in out
+    # columns line up however long a cell is: each row's complexity and paper start under their headers
+    header = next(line for line in out.splitlines() if line.startswith("mechanism"))
+    for name, line in lines.items():
+        if "mechanisms." in line:  # the closing sentence
+            continue
+        for column in ("complexity", "paper"):
+            at = header.index(column)
+            assert line[at - 2 : at] == "  " and line[at] != " ", (name, column, line)
 
 
 def test_list_filters(capsys):

@@ -16,18 +16,25 @@ def cmd_list(args: argparse.Namespace) -> int:
         print(f"no mechanism matches {args.filter!r}" + (f" with pattern {args.pattern}" if args.pattern else ""))
         return 1
     pats = list(Pattern)
-    head = f"{'mechanism':<16}{'family':<17}" + "".join(f"{p.short:>4}" for p in pats)
-    head += f"  {'exact':<6}{'state':<15}{'paths':<22}{'complexity':<20}paper"
-    print(head)
-    print("-" * len(head))
-    for i in rows:
-        marks = "".join(f"{'✓' if p in i.patterns else '—':>4}" for p in pats)
-        state = i.state_kind or "—"
-        paths = ", ".join(i.paths) or "reference only"
-        print(
-            f"{i.name:<16}{i.family:<17}{marks}  {'yes' if i.exact else 'no':<6}{state:<15}{paths:<22}"
-            f"{i.complexity.time:<20}{i.paper.title} ({i.paper.year})"
-        )
+    header = ["mechanism", "family", *(p.short for p in pats), "exact", "state", "paths", "complexity", "paper"]
+    table = [
+        [
+            i.name,
+            i.family,
+            *("✓" if p in i.patterns else "—" for p in pats),
+            "yes" if i.exact else "no",
+            i.state_kind or "—",
+            ", ".join(i.paths) or "reference only",
+            i.complexity.time,
+            f"{i.paper.title} ({i.paper.year})",
+        ]
+        for i in rows
+    ]
+    widths = [max(len(r[c]) for r in [header, *table]) for c in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in [header, *table]]
+    print(lines[0])
+    print("-" * len(lines[0]))
+    print("\n".join(lines[1:]))
     print(f"\n{len(rows)} mechanisms. NS/CS/NC/CC = noncausal/causal self/cross. 'attnkit info NAME' for details.")
     return 0
 
