@@ -11,11 +11,14 @@ GPU: ``torch.cuda.max_memory_allocated`` around the call, minus what was allocat
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from dataclasses import asdict, dataclass
 
 import torch
+
+log = logging.getLogger(__name__)
 
 _CHILD = r"""
 import json, sys
@@ -55,6 +58,8 @@ def call_peak_bytes(fn) -> int:
     except OSError:
         resettable = False
     if not resettable:  # fall back to ru_maxrss (inherits the parent's peak: only right in a lean parent)
+        log.warning("cannot reset the memory high-water mark here (no /proc/self/clear_refs): peak memory is"
+                    " ru_maxrss above the baseline, which may include the parent process's peak")  # fmt: skip
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     fn()
     peak = _status_kib("VmHWM") if resettable else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
