@@ -20,21 +20,14 @@ from .timing import time_fn
 def git_revision() -> str:
     """The attnkit checkout's commit (``+dirty`` with local changes), or ``unknown`` outside git."""
     src = Path(__file__).resolve().parents[3]
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", "-C", str(src), *args], capture_output=True, text=True, timeout=10, check=True)
+        return done.stdout.strip()
+
     try:
-        rev = subprocess.run(
-            ["git", "-C", str(src), "rev-parse", "--short=12", "HEAD"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "-C", str(src), "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
+        rev = git("rev-parse", "--short=12", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return rev + ("+dirty" if dirty else "")
