@@ -167,3 +167,22 @@ def test_option_docs_survives_statements_over_several_lines():
                 )
 
     assert option_docs(Opts) == {"size": "how big it is"}
+
+
+def test_step_outputs_stack_with_and_without_autograd():
+    from attnkit.ops.steps import StepOutputs
+
+    ys = [torch.randn(2, 3, 4) for _ in range(5)]
+    plain = StepOutputs(5)
+    for t, y in enumerate(ys):
+        plain.add(t, y)
+    torch.testing.assert_close(plain.stacked(), torch.stack(ys, 1), rtol=0, atol=0)
+
+    w = torch.randn(4, requires_grad=True)
+    tracked = StepOutputs(5)
+    for t, y in enumerate(ys):
+        tracked.add(t, y * w)
+    tracked.stacked().sum().backward()
+    torch.testing.assert_close(w.grad, sum(y.sum((0, 1)) for y in ys))
+    with pytest.raises(ValueError, match="before any add"):
+        StepOutputs(3).stacked()

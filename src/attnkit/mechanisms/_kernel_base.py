@@ -23,6 +23,7 @@ from ..mechanism import Mechanism, Shape, fast_path
 from ..ops.chunked import DEFAULT_CHUNK, bidirectional_linear_scan, causal_linear_scan
 from ..ops.gqa import group_queries, repeat_kv
 from ..ops.masking import visibility
+from ..ops.steps import StepOutputs
 from ..patterns import Pattern
 from ..state import RecurrentState
 
@@ -197,12 +198,12 @@ class KernelAttention(Mechanism):
         S = self._initial(x, q.dtype)
         if S is None:
             S = torch.zeros(x.batch, x.kv_heads, k.shape[-1], v.shape[-1], dtype=q.dtype, device=q.device)
-        outs = []
+        outs = StepOutputs(x.tq)
         for t in range(x.tq):
             step = torch.einsum("bhf,bhe->bhfe", k[:, t], v[:, t])
             S = step + (S if g is None else g * S)
-            outs.append(torch.einsum("bhgf,bhfe->bhge", group_queries(q[:, t : t + 1], x.kv_heads)[:, 0], S))
-        out = torch.stack(outs, dim=1).flatten(2, 3)  # [B, T, Hq, Dv(+1)]
+            outs.add(t, torch.einsum("bhgf,bhfe->bhge", group_queries(q[:, t : t + 1], x.kv_heads)[:, 0], S))
+        out = outs.stacked().flatten(2, 3)  # [B, T, Hq, Dv(+1)]
         return self._finish(out, x), (self._new_state(x, S) if x.want_state else None)
 
     @recurrent.unsupported

@@ -35,6 +35,7 @@ from ..inputs import AttentionInputs
 from ..mechanism import Complexity, Mechanism, Paper, Shape, fast_path, register_mechanism
 from ..ops.gqa import repeat_kv
 from ..ops.masking import masked_softmax, visibility
+from ..ops.steps import StepOutputs
 from ..options import check_int
 from ..patterns import Pattern
 from ..state import State
@@ -226,11 +227,11 @@ class Aaren(Mechanism):
         s = self.scores(x)  # [B, H, T]
         v = repeat_kv(x.v, x.groups).to(cd)  # [B, T, H, Dv]
         m, u, w = self._start(x, cd)
-        outs = []
+        outs = StepOutputs(x.tq)
         for i in range(x.tq):
             m, u, w = _step(m, u, w, s[:, :, i], v[:, i])
-            outs.append(_ratio(w, u))
-        out = torch.stack(outs, dim=1)  # [B, T, H, Dv]
+            outs.add(i, _ratio(w, u))
+        out = outs.stacked()  # [B, T, H, Dv]
         return _with_q(out.to(x.q.dtype), x.q), (self._new_state(x, m, u, w) if x.want_state else None)
 
     # ---- state and costs ---------------------------------------------------------------------------

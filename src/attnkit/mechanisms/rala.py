@@ -41,6 +41,7 @@ from ..inputs import AttentionInputs
 from ..mechanism import Complexity, Mechanism, Paper, Shape, fast_path, register_mechanism
 from ..ops.gqa import group_queries, repeat_kv
 from ..ops.masking import visibility
+from ..ops.steps import StepOutputs
 from ..options import check_float, check_int
 from ..patterns import ALL_PATTERNS, Pattern
 from ..state import State
@@ -325,7 +326,7 @@ class Rala(Mechanism):
         real = self._real(x, dt)  # [B, T]
         S = torch.cat([st.S, st.z[..., None]], -1).view(b, hkv, g, d, dv + 1)
         Z, m, q_sum, count = st.Z.view(b, hkv, g), st.m.view(b, hkv, g), st.q_sum.view(b, hkv, g, d), st.count
-        outs = []
+        outs = StepOutputs(t)
         for i in range(t):
             q_sum, count = q_sum + real[:, i, None, None, None] * fq[:, i], count + real[:, i]
             lk = x.scale * (q_sum * fk[:, i, :, None]).sum(-1) / count.clamp(min=1)[:, None, None]  # [B, Hkv, G]
@@ -335,8 +336,8 @@ class Rala(Mechanism):
             kv = fk[:, i, :, None, :, None] * v1[:, i, :, None, None, :]  # [B, Hkv, 1, D, Dv+1]
             S, Z, m = keep[..., None, None] * S + w[..., None, None] * kv, keep * Z + w, top
             num = (fq[:, i, :, :, None, :] @ S)[..., 0, :]  # [B, Hkv, G, Dv+1]
-            outs.append(num[..., :dv] / _nonzero(num[..., dv:] + self.options.eps * Z[..., None]))
-        out = torch.stack(outs, 1).flatten(2, 3)  # [B, T, Hq, Dv]
+            outs.add(i, num[..., :dv] / _nonzero(num[..., dv:] + self.options.eps * Z[..., None]))
+        out = outs.stacked().flatten(2, 3)  # [B, T, Hq, Dv]
         out = (out * self._gate(x, dt)).to(x.q.dtype)
         if not x.want_state:
             return out, None

@@ -35,6 +35,7 @@ from ..mechanism import Complexity, Mechanism, Paper, Shape, fast_path, register
 from ..ops.gqa import repeat_kv
 from ..ops.masking import masked_softmax
 from ..ops.sdpa import sdpa
+from ..ops.steps import StepOutputs
 from ..options import check_int
 from ..patterns import Pattern
 from ..state import State
@@ -260,7 +261,7 @@ class RAT(Mechanism):
         L = self.options.chunk_size
         kv, g, real, before, seen0 = self._prepare(x)
         h, chunks, count = self._start_h(x, kv), self._old_chunks(x, kv), seen0 // L  # count: [B] chunks per row
-        q, outs = x.q.to(kv.dtype), []
+        q, outs = x.q.to(kv.dtype), StepOutputs(x.tq)
         for t in range(x.tq):
             first = (before[:, t] % L == 0)[:, None, None, None]
             h = torch.where(
@@ -279,7 +280,7 @@ class RAT(Mechanism):
                 * x.scale
             )  # [B, H, N + 1]
             p = masked_softmax(scores, torch.cat([slots, own_ok[:, None]], -1)[:, None])
-            outs.append(torch.einsum("bhn,bnhd->bhd", p[..., :-1], chunks[:, :, :, 1]) + p[..., -1:] * h[:, :, 1])
+            outs.add(t, torch.einsum("bhn,bnhd->bhd", p[..., :-1], chunks[:, :, :, 1]) + p[..., -1:] * h[:, :, 1])
             done = real[:, t] & ((before[:, t] + 1) % L == 0)  # [B] this token completes its chunk
             if bool(done.any()):
                 if int((count + done.long()).max()) > chunks.shape[1]:
@@ -287,7 +288,7 @@ class RAT(Mechanism):
                 at = (torch.arange(chunks.shape[1], device=kv.device)[None] == count[:, None]) & done[:, None]
                 chunks = torch.where(at[..., None, None, None], h[:, None], chunks)  # [B, N, H, 2, D]
                 count = count + done.long()
-        out = torch.stack(outs, 1).to(x.q.dtype)  # [B, T, H, Dv]
+        out = outs.stacked().to(x.q.dtype)  # [B, T, H, Dv]
         state = None
         if x.want_state:
             state = RATState(x.tq + (x.state.offset if x.state else 0), chunks, h, before[:, -1] + real[:, -1].long())
