@@ -28,7 +28,7 @@ from attnkit.bench.memory import call_peak_bytes, run_case
 spec = json.loads(sys.argv[1])
 torch.set_num_threads(spec.pop("threads"))
 peak = call_peak_bytes(run_case(spec))
-print(json.dumps({"peak_bytes": peak, "path": attnkit.last_path()}))
+sys.stdout.write(json.dumps({"peak_bytes": peak, "path": attnkit.last_path()}))  # the answer, to the parent
 """
 
 

@@ -1,13 +1,12 @@
-"""Measure one case in this process: ``python -m attnkit.bench.worker '<case json>'``.
+"""Measure one case: the body of the worker process the sweep starts for each case (``child``).
 
-The sweep starts a fresh worker per case, so a crash, an out-of-memory kill or a hang ends only
-that case, and the CPU peak-memory figure belongs to this case alone. Prints one JSON line.
+Each case runs in a fresh process (forked from a forkserver that has torch and attnkit imported), so
+a crash, an out-of-memory kill or a hang ends only that case, and the CPU peak-memory figure belongs
+to this case alone. The result dict goes back to the sweep over a pipe.
 """
 
 from __future__ import annotations
 
-import json
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -138,11 +137,3 @@ def child(conn, spec: dict[str, Any]) -> None:
     """Entry point of a worker process forked by the sweep; sends one result dict back."""
     conn.send(measure_spec(spec))
     conn.close()
-
-
-def main() -> None:
-    print(json.dumps(measure_spec(json.loads(sys.argv[1]))), flush=True)
-
-
-if __name__ == "__main__":
-    main()
