@@ -105,6 +105,11 @@ class Gaussian(Mechanism):
         """Mean and variance ``[B*H, Tq]`` of each query's scores over the keys it sees, in closed form
         (``q [B*H, Tq, D]``, ``k [B*H, Tk, D]`` heads first)."""
         b, h = x.batch, x.heads
+        # moments of the scores shifted by the first key's score s_i0 = scale q_i.k_0 (the variance does not
+        # change): with keys close to each other, E[s^2] - E[s]^2 unshifted would cancel to noise. k_0 is the
+        # same key for every call of a sequence (a cache keeps it), so chunked calls agree with a full one.
+        k0 = k[:, :1]  # [B*H, 1, D]
+        k = k - k0
         if x.key_padding_mask is not None:  # padded keys add nothing
             k = k * x.key_padding_mask[:, None, :, None].expand(b, h, x.tk, 1).reshape(b * h, x.tk, 1).to(k.dtype)
         if x.pattern is Pattern.CAUSAL_SELF:
@@ -114,8 +119,9 @@ class Gaussian(Mechanism):
             m2 = ((q @ (k.mT @ k)) * q).sum(-1)  # q^T (sum_j k_j k_j^T) q
         n = visible_counts(x).clamp(min=1).to(q.dtype)  # [B|1, Tq]
         n = n[:, None].expand(b, h, x.tq).reshape(b * h, x.tq)
-        mu = x.scale * m1 / n
-        var = (x.scale**2 * m2 / n - mu.square()).clamp(min=0)
+        shifted_mean = x.scale * m1 / n
+        mu = x.scale * (q @ k0.mT)[..., 0] + shifted_mean
+        var = (x.scale**2 * m2 / n - shifted_mean.square()).clamp(min=0)
         return mu, var
 
     @fast_path("blocked", priority=10)
