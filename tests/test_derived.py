@@ -27,6 +27,10 @@ def test_efficiency_length_edge_cases():
     assert efficiency_length(N, quad, [0.001 * t for t in N], drop_first=False) == 0.0  # always cheaper
     assert efficiency_length(N, [1.0] * 6, [100.0 + t for t in N], drop_first=False) == math.inf  # never
     assert efficiency_length(N[:2], VANILLA_MS[:2], ABC_MS[:2], drop_first=True) is None  # too few points
+    # a baseline fit that bends down (noise) crosses the mechanism where it turns *more* expensive:
+    # that root is no efficiency length (the mechanism is dearer at the longest length: never)
+    t3 = [256, 1024, 4096]
+    assert efficiency_length(t3, [1.0, 3.0, 4.0], [0.5, 2.0, 8.0], drop_first=False) == math.inf
 
 
 def test_scaling_exponent():

@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,9 +27,10 @@ def efficiency_length(
     """CAB's efficiency length: where the mechanism's linear fit crosses the baseline's quadratic fit.
 
     Returns the larger real root of ``a N^2 + (b - d) N + (c - e) = 0`` (baseline ``a N^2 + b N + c``,
-    mechanism ``d N + e``); ``0.0`` when the mechanism is cheaper at every length the fits cover and
-    ``inf`` when it never becomes cheaper, or only beyond 100x the longest length measured (a crossing
-    that far out is an artefact of extrapolating the fits); None with fewer than three points.
+    mechanism ``d N + e``) at which the mechanism turns cheaper (the difference rises through 0);
+    ``0.0`` when the mechanism is cheaper at every length the fits cover and ``inf`` when it never
+    becomes cheaper, or only beyond 100x the longest length measured (a crossing that far out is an
+    artefact of extrapolating the fits); None with fewer than three points.
     """
     n = np.asarray(lengths, dtype=float)
     if len(n) < 3:
@@ -38,9 +39,12 @@ def efficiency_length(
     n_lin, m = (n[1:], np.asarray(mechanism, float)[1:]) if drop_first else (n, np.asarray(mechanism, float))
     d, e = np.polyfit(n_lin, m, 1)
     roots = np.roots([a, b - d, c - e])
-    real = sorted(r.real for r in roots if abs(r.imag) < 1e-9 * max(1.0, abs(r.real)))
-    if real and real[-1] > 0:
-        return float(real[-1]) if real[-1] <= 100 * n.max() else math.inf
+    real = [r.real for r in roots if abs(r.imag) < 1e-9 * max(1.0, abs(r.real))]
+    # a crossing counts only where the gap (baseline - mechanism) rises through 0: the mechanism turns
+    # cheaper there. A baseline fit that bends down (a < 0, noisy data) also crosses the other way.
+    rising = sorted(r for r in real if r > 0 and 2 * a * r + (b - d) > 0)
+    if rising:
+        return float(rising[-1]) if rising[-1] <= 100 * n.max() else math.inf
     # no positive crossing: which side of the baseline is the mechanism at the lengths measured?
     gap = (a * n**2 + b * n + c) - (d * n + e)
     return 0.0 if np.all(gap > 0) else math.inf
@@ -58,7 +62,8 @@ def scaling_exponent(lengths: list[float], values: list[float]) -> float | None:
 
 @dataclass
 class Curve:
-    """One series of speed rows: a mechanism/path on a pattern, mode, dtype and device."""
+    """One series of speed rows: a mechanism/path (with its options) on a pattern, mode, dtype, device
+    and run setting (threads and input shape: rows measured under other settings are other curves)."""
 
     mechanism: str
     path: str
@@ -71,6 +76,9 @@ class Curve:
     ms: list[float | None]
     peak: list[float | None]
     gflops: list[float | None]
+    setting: str = ""  # threads and shape, e.g. "2 threads, B=1 H=8/8 D=64"
+    options: str = ""  # the mechanism's options, "window=256" ("" for none)
+    show_options: bool = False  # in the label: the store has this mechanism/path with other options too
 
     @property
     def label(self) -> str:
@@ -80,22 +88,37 @@ class Curve:
             return "naive softmax"
         if self.peer:
             return f"{self.peer} (peer)"
-        return f"{self.mechanism}/{self.path}"
+        return f"{self.mechanism}/{self.path}" + (f" {self.options}" if self.show_options and self.options else "")
+
+    @property
+    def where(self) -> tuple[str, str, str, str, str]:
+        """What a baseline must share to compare with this curve."""
+        return (self.pattern, self.mode, self.dtype, self.device, self.setting)
 
     def at(self, t: int, field: str) -> float | None:
         return getattr(self, field)[self.lengths.index(t)] if t in self.lengths else None
 
 
+def run_setting(row: dict[str, Any]) -> str:
+    """The threads and input shape a row was measured with, as text (one curve never mixes two)."""
+    heads = f"{row.get('heads')}/{row.get('kv_heads')}" if row.get("kv_heads") != row.get("heads") else row.get("heads")
+    return f"{row.get('threads')} threads, B={row.get('batch')} H={heads} D={row.get('head_dim')}"
+
+
 def curves(rows: list[dict[str, Any]], kinds: tuple[str, ...] = ("speed", "peer")) -> list[Curve]:
-    """Group ok speed rows into curves, each sorted by T."""
-    groups: dict[tuple, list[dict]] = defaultdict(list)
-    for r in rows:
+    """Group ok speed rows into curves, each sorted by T (the newest row where a T was measured twice)."""
+    groups: dict[tuple, dict[int, dict]] = defaultdict(dict)
+    for r in sorted(rows, key=lambda r: r.get("created_at") or 0):
         if r["kind"] in kinds and r["status"] == "ok":
             peer = (r.get("extra") or {}).get("peer")
-            groups[(r["mechanism"], r["path"], r["pattern"], r["mode"], r["dtype"], r["device"], peer)].append(r)
+            options = ", ".join(f"{k}={v}" for k, v in sorted((r.get("options") or {}).items()))
+            key = (r["mechanism"], r["path"], r["pattern"], r["mode"], r["dtype"], r["device"], peer,
+                   run_setting(r), options)  # fmt: skip
+            groups[key][r["tokens"]] = r
     out = []
-    for (mech, path, pattern, mode, dtype, device, peer), rs in sorted(groups.items(), key=lambda kv: str(kv[0])):
-        rs.sort(key=lambda r: r["tokens"])
+    for key, by_t in sorted(groups.items(), key=lambda kv: str(kv[0])):
+        mech, path, pattern, mode, dtype, device, peer, setting, options = key
+        rs = [by_t[t] for t in sorted(by_t)]
         out.append(
             Curve(
                 mech,
@@ -109,19 +132,19 @@ def curves(rows: list[dict[str, Any]], kinds: tuple[str, ...] = ("speed", "peer"
                 [r["median_ms"] for r in rs],
                 [r["peak_bytes"] for r in rs],
                 [r["gflops"] for r in rs],
+                setting,
+                options,
             )
         )
+    variants = Counter((c.mechanism, c.path, c.peer, c.where) for c in out)
+    for c in out:
+        c.show_options = variants[(c.mechanism, c.path, c.peer, c.where)] > 1
     return out
 
 
 def baseline_of(curve: Curve, all_curves: list[Curve], which: tuple[str, str] = SDPA) -> Curve | None:
     for c in all_curves:
-        if (c.mechanism, c.path) == which and (c.pattern, c.mode, c.dtype, c.device) == (
-            curve.pattern,
-            curve.mode,
-            curve.dtype,
-            curve.device,
-        ):
+        if (c.mechanism, c.path) == which and not c.options and c.where == curve.where:
             return c
     return None
 

@@ -10,7 +10,7 @@ from html import escape
 from typing import Any
 
 from ..api import info
-from ..bench.derived import NAIVE, SDPA, Curve, baseline_of, curves, summarise
+from ..bench.derived import NAIVE, SDPA, Curve, baseline_of, curves, run_setting, summarise
 from ..errors import AttnkitError
 from .svg import Chart, Series, render
 
@@ -61,11 +61,11 @@ def _group_of(curve: Curve) -> str:
 
 
 def _by_setting(all_curves: list[Curve], mode: str | None = None) -> dict[tuple, list[Curve]]:
-    """(pattern, mode, dtype, device, group) -> its curves, the SDPA and naive baselines in every group."""
+    """(pattern, mode, dtype, device, setting, group) -> its curves, the SDPA and naive baselines in every group."""
     settings: dict[tuple, list[Curve]] = defaultdict(list)
     for c in all_curves:
         if mode is None or c.mode == mode:
-            settings[(c.pattern, c.mode, c.dtype, c.device)].append(c)
+            settings[c.where].append(c)
     groups: dict[tuple, list[Curve]] = {}
     for key, cs in settings.items():
         baselines = [c for c in cs if not c.peer and (c.mechanism, c.path) in (SDPA, NAIVE)]
@@ -76,8 +76,8 @@ def _by_setting(all_curves: list[Curve], mode: str | None = None) -> dict[tuple,
 
 
 def _setting_title(key: tuple) -> str:
-    pattern, mode, dtype, _device, group = key
-    return f"{group}: {pattern}, {'forward' if mode == 'fwd' else 'forward + backward'}, {dtype}"
+    pattern, mode, dtype, _device, setting, group = key
+    return f"{group}: {pattern}, {'forward' if mode == 'fwd' else 'forward + backward'}, {dtype} ({setting})"
 
 
 def machine(runs: list[dict[str, Any]], db: str) -> str:
@@ -260,7 +260,7 @@ def decode(rows: list[dict[str, Any]]) -> str:
     lat: dict[str, list] = defaultdict(list)
     mem: dict[str, list] = defaultdict(list)
     for r in dec:
-        label = f"{r['mechanism']}/{r['path']} {r['dtype']}"
+        label = f"{r['mechanism']}/{r['path']} {r['dtype']} ({run_setting(r)})"
         lat[label].append((r["tokens"], r["median_ms"]))
         mem[label].append((r["tokens"], r["state_bytes"] / MIB))
     return render(
@@ -290,13 +290,7 @@ def peers(rows: list[dict[str, Any]]) -> str:
         )
     out = []
     for p in peer_curves:
-        ours = [
-            c
-            for c in cs
-            if not c.peer
-            and c.mechanism == p.mechanism
-            and (c.pattern, c.mode, c.dtype, c.device) == (p.pattern, p.mode, p.dtype, p.device)
-        ]
+        ours = [c for c in cs if not c.peer and c.mechanism == p.mechanism and c.where == p.where]
         base = baseline_of(p, cs)
         for t in p.lengths:
             pm = p.at(t, "ms")
