@@ -68,3 +68,25 @@ def test_summarise_against_the_sdpa_curve():
     assert s.memory_ratio[256] == pytest.approx(0.5)
     assert s.exponent == pytest.approx(1.0)
     assert 0 < s.efficiency_time < 8192
+
+
+def test_curves_keep_thread_counts_and_options_apart():
+    """Rows measured with other threads (or options) form their own curves, compared with their own baseline."""
+
+    def at(threads, **extra):
+        return lambda mech, path, t, ms: {**_row(mech, path, t, ms, 1), "threads": threads, **extra}
+
+    one, four = at(1), at(4)
+    rows = [one("softmax", "sdpa", t, 8.0) for t in N] + [four("softmax", "sdpa", t, 2.0) for t in N]
+    rows += [one("linear", "chunk", t, 1.0) for t in N] + [four("linear", "chunk", t, 1.0) for t in N]
+    rows += [{**one("linear", "chunk", t, 4.0), "options": {"eps": 0.1}} for t in N]
+    cs = curves(rows)
+    lins = [c for c in cs if c.mechanism == "linear"]
+    assert len(lins) == 3 and len({c.label for c in lins}) == 2  # options shown only where they differ
+    assert {c.options for c in lins} == {"", "eps=0.1"}
+    speedups = sorted(summarise(c, baseline_of(c, cs)).speedup[1024] for c in lins)
+    assert speedups == pytest.approx([2.0, 2.0, 8.0])  # eps=0.1 at 1 thread, plain at 4 threads, plain at 1
+    # the same T measured twice under one setting: the newest row counts
+    again = rows + [{**one("linear", "chunk", 1024, 0.5), "created_at": 10.0}]
+    newest = next(c for c in curves(again) if c.mechanism == "linear" and not c.options and "1 threads" in c.setting)
+    assert newest.at(1024, "ms") == 0.5 and newest.lengths == sorted(N)
