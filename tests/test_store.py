@@ -178,3 +178,12 @@ def test_interrupted_sweep_keeps_its_rows_and_resumes(tmp_path, sig):
         ).fetchone()[0]
     expected = speed_cases(names="linear", patterns=("causal_self", "noncausal_self"), lengths=(64, 128, 256, 512))
     assert total == len(expected)  # linear's paths, SDPA and naive softmax, for 2 patterns x 4 lengths
+
+
+def test_reading_an_empty_file_says_so(tmp_path):
+    db = tmp_path / "empty.sqlite"
+    db.touch()
+    with pytest.raises(StoreError, match="is empty"):
+        Store(db, readonly=True)
+    res = attnkit("report", "--db", str(db), "--out", str(tmp_path / "r.html"))
+    assert res.returncode == 2 and "is empty" in res.stderr and not (tmp_path / "r.html").exists()

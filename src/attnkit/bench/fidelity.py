@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -22,6 +23,7 @@ from .env import command_line, environment, new_run_id
 from .progress import Progress
 from .runner import Summary
 from .store import Store
+from .worker import SEED
 
 TEMPERATURES = (0.5, 1.0, 2.0)
 INPUTS = ("random", "clustered")
@@ -46,7 +48,7 @@ class FidelityCase:
         return f"{self.mechanism}[{opts}] {self.pattern} T={self.tokens} tau={self.temperature} {self.inputs}"
 
 
-def fidelity_inputs(case: FidelityCase, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def fidelity_inputs(case: FidelityCase, seed: int = SEED) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``q, k, v [1, T, H, D]``: Gaussian, or Gaussian mixtures around 8 shared centres (clustered)."""
     g = torch.Generator().manual_seed(seed + case.tokens)
     shape = (1, case.tokens, case.heads, case.head_dim)
@@ -92,10 +94,10 @@ def measure_fidelity(case: FidelityCase) -> float:
 
 
 def run_fidelity(
-    store: Store, cases: list[FidelityCase], *, force: bool = False, seed: int = 0, show_progress: bool = True
+    store: Store, cases: list[FidelityCase], *, force: bool = False, show_progress: bool = True
 ) -> Summary:
     threads = torch.get_num_threads()
-    env = environment("cpu", threads, seed)
+    env = environment("cpu", threads, SEED)
     todo = [c for c in cases if force or not store.done(c.key(env["device"]))]
     summary = Summary(already_done=len(cases) - len(todo))
     if not todo:
@@ -106,6 +108,7 @@ def run_fidelity(
     try:
         for case in todo:
             progress.start(case.label())
+            started = time.perf_counter()
             row = {
                 "kind": "fidelity",
                 "case_key": case.key(env["device"]),
@@ -131,7 +134,7 @@ def run_fidelity(
                 store.add(run, {**row, "status": "error", "reason": f"{type(exc).__name__}: {exc}"[:400]})
                 summary.failed += 1
                 summary.failures.append(f"{case.label()}: {exc}")
-            progress.finish_case(0.0)
+            progress.finish_case(time.perf_counter() - started)
     except KeyboardInterrupt:
         return summary.close(store, run, progress, interrupted=True)
     return summary.close(store, run, progress)

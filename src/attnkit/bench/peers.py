@@ -29,8 +29,11 @@ def available_peers() -> list[str]:
     for name, spec in PEERS.items():
         try:
             importlib.import_module(spec.module)
-        except Exception as err:  # noqa: BLE001 - a broken install counts as absent (and is logged)
-            log.debug("peer %s unavailable: %s: %s", name, type(err).__name__, err)
+        except ModuleNotFoundError as err:  # not installed: nothing to say unless asked
+            log.debug("peer %s unavailable: %s", name, err)
+            continue
+        except Exception as err:  # noqa: BLE001 - a broken install is left out, loudly
+            log.warning("peer %s is installed but does not import (%s: %s); left out", name, type(err).__name__, err)
             continue
         names.append(name)
     return names

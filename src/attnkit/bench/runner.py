@@ -21,6 +21,7 @@ from .cases import Case
 from .env import command_line, environment, matmul_peak_gflops, new_run_id
 from .progress import Progress
 from .store import Run, Store
+from .worker import SEED
 
 log = logging.getLogger(__name__)
 WORKER_START_S = 30.0  # allowance for a worker's interpreter and torch import, on top of the case budget
@@ -166,7 +167,6 @@ def run_sweep(
     cases: list[Case],
     *,
     threads: int | None = None,
-    seed: int = 0,
     force: bool = False,
     budget: Budget | None = None,
     show_progress: bool = True,
@@ -175,7 +175,7 @@ def run_sweep(
     budget = budget or Budget()
     threads = threads or torch.get_num_threads()
     device = cases[0].device if cases else "cpu"
-    env = environment(device, threads, seed)
+    env = environment(device, threads, SEED)
     todo = [c for c in cases if force or not store.done(c.key(env["device"], threads))]
     summary = Summary(already_done=len(cases) - len(todo))
     if not todo:

@@ -130,6 +130,8 @@ class Store:
         _check_file(self.path)
         if readonly and not self.path.exists():
             raise StoreError(f"no results database at {self.path}; run 'attnkit bench speed' first or pass --db")
+        if readonly and self.path.stat().st_size == 0:
+            raise StoreError(f"{self.path} is empty, not a results database; run 'attnkit bench speed' into it first")
         uri = f"file:{self.path}?mode=ro" if readonly else f"file:{self.path}"
         try:
             # isolation_level=None: autocommit; every write below is its own short transaction
