@@ -23,6 +23,7 @@ from ..mechanism import Mechanism, Shape, fast_path
 from ..ops.chunked import DEFAULT_CHUNK, bidirectional_linear_scan, causal_linear_scan
 from ..ops.gqa import group_queries, repeat_kv
 from ..ops.masking import visibility
+from ..ops.reference import compute_dtype
 from ..ops.steps import StepOutputs
 from ..patterns import Pattern
 from ..state import RecurrentState
@@ -58,7 +59,7 @@ class KernelAttention(Mechanism):
 
     @staticmethod
     def compute_dtype(x: AttentionInputs) -> torch.dtype:
-        return torch.float64 if x.q.dtype == torch.float64 else torch.float32
+        return compute_dtype(x.q.dtype)
 
     @staticmethod
     def positions(x: AttentionInputs, role: str) -> torch.Tensor:

@@ -35,6 +35,7 @@ from ..inputs import AttentionInputs
 from ..mechanism import Complexity, Mechanism, Paper, Shape, fast_path, register_mechanism
 from ..ops.gqa import repeat_kv
 from ..ops.masking import masked_softmax, visibility
+from ..ops.reference import compute_dtype
 from ..ops.steps import StepOutputs
 from ..options import check_int
 from ..patterns import Pattern
@@ -137,7 +138,7 @@ class Aaren(Mechanism):
 
     @staticmethod
     def compute_dtype(x: AttentionInputs) -> torch.dtype:
-        return torch.float64 if x.q.dtype == torch.float64 else torch.float32
+        return compute_dtype(x.q.dtype)
 
     def scores(self, x: AttentionInputs) -> torch.Tensor:
         """s_j = scale * query . k_j per query head, -inf at padded keys: ``[B, Hq, Tk]``."""
@@ -237,7 +238,7 @@ class Aaren(Mechanism):
     # ---- state and costs ---------------------------------------------------------------------------
 
     def init_state(self, batch, kv_heads, dk, dv, *, device=None, dtype=torch.float32) -> AarenState:
-        dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        dtype = compute_dtype(dtype)
         return AarenState(
             offset=0,
             m=torch.full((batch, self.heads), NEG_INF, device=device, dtype=dtype),

@@ -32,6 +32,7 @@ from ..inputs import AttentionInputs
 from ..mechanism import Complexity, Mechanism, Paper, Shape, fast_path, register_mechanism
 from ..ops.gqa import repeat_kv
 from ..ops.masking import masked_softmax, visibility
+from ..ops.reference import upcast_qkv
 from ..ops.sdpa import masked_sdpa
 from ..options import check_float
 from ..patterns import Pattern
@@ -101,11 +102,9 @@ class Complex(Mechanism):
     # ---- the specification -------------------------------------------------------------------------
 
     def reference(self, x: AttentionInputs):
-        compute = torch.float64 if x.q.dtype == torch.float64 else torch.float32
         past = x.state.length if x.state is not None else 0  # tokens before this call
-        q = x.q.to(compute)
-        k = repeat_kv(x.k, x.groups).to(compute)  # [B, Tk, H, Dk]: each query head rotates with its own params
-        v = repeat_kv(x.v, x.groups).to(compute)
+        q, k, v = upcast_qkv(x)  # k, v repeated to the query heads: each rotates with its own params
+        compute = q.dtype
         rq, th_q = euler_transform(q)  # [B, Tq, H, J] polar form of the query's complex vector
         rk, th_k = euler_transform(k)  # [B, Tk, H, J]
         beta, omega = self.adapt.to(compute), self.freqs.to(compute)  # [H], [H, J]

@@ -31,6 +31,7 @@ from ..mechanism import Complexity, Mechanism, Paper, Shape, fast_path, register
 from ..ops._gaussian import causal_moments, quadratic_logit_attention
 from ..ops.gqa import repeat_kv
 from ..ops.masking import masked_softmax, visibility, visible_counts
+from ..ops.reference import compute_dtype, upcast_qkv
 from ..options import check_float
 from ..patterns import ALL_PATTERNS, Pattern
 from ..state import KVCache
@@ -81,10 +82,8 @@ class Gaussian(Mechanism):
     # ---- the specification -------------------------------------------------------------------------
 
     def reference(self, x: AttentionInputs):
-        compute = torch.float64 if x.q.dtype == torch.float64 else torch.float32
-        q = x.q.to(compute)
-        k = repeat_kv(x.k, x.groups).to(compute)  # [B, Tk, H, Dk]
-        v = repeat_kv(x.v, x.groups).to(compute)
+        q, k, v = upcast_qkv(x)  # [B, T, H, D], k and v repeated to the query heads
+        compute = q.dtype
         scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * x.scale  # [B, H, Tq, Tk]
         seen = visibility(x)  # [B|1, 1, Tq, Tk] or None
         w = torch.ones_like(scores[:1, :1]) if seen is None else seen.to(compute)
@@ -126,7 +125,7 @@ class Gaussian(Mechanism):
 
     @fast_path("blocked", priority=10)
     def blocked(self, x: AttentionInputs):
-        compute = torch.float64 if x.q.dtype == torch.float64 else torch.float32
+        compute = compute_dtype(x.q.dtype)
         b, tq, h, _ = x.q.shape
 
         def heads_first(t: torch.Tensor) -> torch.Tensor:  # [B, T, H, D] -> [B*H, T, D]

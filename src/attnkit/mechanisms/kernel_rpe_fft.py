@@ -37,9 +37,10 @@ from ..errors import InvalidOption, ShapeError
 from ..inputs import AttentionInputs
 from ..mechanism import Complexity, Mechanism, Paper, Shape, fast_path, register_mechanism
 from ..ops.chunked import causal_linear_scan
-from ..ops.feature_maps import orthogonal_gaussian
+from ..ops.feature_maps import orthogonal_gaussian, positive_random_features
 from ..ops.gqa import group_queries, repeat_kv
 from ..ops.masking import visibility, visible_counts
+from ..ops.reference import compute_dtype
 from ..options import check_choice, check_float, check_int
 from ..patterns import Pattern
 from ..state import KVCache
@@ -137,15 +138,12 @@ class KernelRPEFFT(Mechanism):
 
     def phi(self, x: AttentionInputs, role: str) -> torch.Tensor:
         """Positive random features ``[B, T, H, m]`` of q or k (fp32, fp64 for fp64 inputs)."""
-        dtype = torch.float64 if x.q.dtype == torch.float64 else torch.float32
+        dtype = compute_dtype(x.q.dtype)
         t = (x.q if role == "q" else x.k).to(dtype)
         if self.options.normalize:  # RMS norm: |t|^2 = Dk for every token
             t = F.normalize(t, dim=-1, eps=1e-6) * math.sqrt(t.shape[-1])
         t = t * math.sqrt(x.scale)  # phi(q).phi(k) then estimates exp(scale q.k)
-        logits = t @ self.projection.to(dtype).T - (t * t).sum(-1, keepdim=True) / 2  # [B, T, H, m]
-        if role == "q":  # a per-query factor cancels in numerator / denominator: keep exp() <= 1
-            logits = logits - logits.amax(-1, keepdim=True).detach()
-        return torch.exp(logits) / math.sqrt(self.options.features)
+        return positive_random_features(t, self.projection.to(dtype), per_row_max=role == "q")  # [B, T, H, m]
 
     def rpe_at(self, dist: torch.Tensor, causal: bool, dtype: torch.dtype) -> torch.Tensor:
         """``c_d = exp(b_d)`` ``[H, *dist.shape]`` for integer distances d = i - j (0 for d < 0 when causal)."""

@@ -29,8 +29,8 @@ from torch import nn
 from ..errors import InvalidOption, ShapeError
 from ..inputs import AttentionInputs
 from ..mechanism import Complexity, Mechanism, Paper, Shape, fast_path, register_mechanism
-from ..ops.gqa import repeat_kv
 from ..ops.masking import masked_softmax, visibility
+from ..ops.reference import compute_dtype, upcast_qkv
 from ..ops.sdpa import masked_sdpa
 from ..options import check_int
 from ..patterns import ALL_PATTERNS, Pattern
@@ -122,10 +122,7 @@ class MoH(Mechanism):
     # ---- the specification -------------------------------------------------------------------------
 
     def reference(self, x: AttentionInputs):
-        compute = torch.float64 if x.q.dtype == torch.float64 else torch.float32
-        q = x.q.to(compute)
-        k = repeat_kv(x.k, x.groups).to(compute)  # [B, Tk, H, Dk]
-        v = repeat_kv(x.v, x.groups).to(compute)
+        q, k, v = upcast_qkv(x)  # [B, T, H, D], k and v repeated to the query heads
         gates, _ = self.route(q)  # [B, Tq, H]
         scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * x.scale  # [B, H, Tq, Tk]
         probs = masked_softmax(scores, visibility(x))
@@ -136,7 +133,7 @@ class MoH(Mechanism):
     # ---- fast paths --------------------------------------------------------------------------------
 
     def _compute(self, x: AttentionInputs) -> torch.dtype:
-        return torch.float64 if x.q.dtype == torch.float64 else torch.float32
+        return compute_dtype(x.q.dtype)
 
     @fast_path("dense", priority=10)
     def dense(self, x: AttentionInputs):

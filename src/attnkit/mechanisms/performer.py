@@ -38,7 +38,7 @@ import torch
 from ..inputs import AttentionInputs
 from ..mechanism import Complexity, Paper, Shape, register_mechanism
 from ..ops.chunked import DEFAULT_CHUNK
-from ..ops.feature_maps import orthogonal_gaussian
+from ..ops.feature_maps import orthogonal_gaussian, positive_random_features
 from ..options import check_float, check_int
 from ..patterns import ALL_PATTERNS, Pattern
 from ._kernel_base import KernelAttention
@@ -110,13 +110,8 @@ class Performer(KernelAttention):
         cdt = self.compute_dtype(x)
         t = (x.q if role == "q" else x.k).to(cdt).transpose(1, 2) * math.sqrt(x.scale)  # [B, H, T, D]: x = q d^(-1/4)
         w = self.projection(t.shape[-1], t.device, cdt)  # [m, D]
-        proj = t @ w.T  # [B, H, T, m]: heads first, so the chunked scan needs no copy
-        if role == "q":  # a per-query factor: cancels between numerator and normaliser
-            shift = proj.amax(-1, keepdim=True).detach()  # [B, H, T, 1]
-        else:  # the paper's exponent, bounded by |w|^2/2 for any key: no stabiliser needed
-            shift = 0.5 * t.square().sum(-1, keepdim=True)  # [B, H, T, 1]
-        shift = shift + 0.5 * math.log(w.shape[0])  # and the 1/sqrt(m)
-        return proj.sub_(shift).exp_().transpose(1, 2)  # [B, T, H, m] (a view of [B, H, T, m]), in place
+        # heads first, so the chunked scan needs no copy: [B, H, T, m], returned as a [B, T, H, m] view
+        return positive_random_features(t, w, per_row_max=role == "q").transpose(1, 2)
 
     def state_dk(self, dk: int) -> int:
         return self.options.num_features

@@ -41,6 +41,7 @@ from ..inputs import AttentionInputs
 from ..mechanism import Complexity, Mechanism, Paper, Shape, fast_path, register_mechanism
 from ..ops.gqa import group_queries, repeat_kv
 from ..ops.masking import visibility
+from ..ops.reference import compute_dtype
 from ..ops.steps import StepOutputs
 from ..options import check_float, check_int
 from ..patterns import ALL_PATTERNS, Pattern
@@ -72,7 +73,7 @@ class RalaState(State):
 
 
 def _state_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
+    return compute_dtype(dtype)
 
 
 # the largest spread of reference logits one shared reference may cover: e^-60 is still a normal fp32
@@ -151,7 +152,7 @@ class Rala(Mechanism):
 
     @staticmethod
     def _compute(x: AttentionInputs) -> torch.dtype:
-        return torch.float64 if x.q.dtype == torch.float64 else torch.float32
+        return compute_dtype(x.q.dtype)
 
     @staticmethod
     def _phi(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

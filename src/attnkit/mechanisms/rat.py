@@ -34,6 +34,7 @@ from ..inputs import AttentionInputs
 from ..mechanism import Complexity, Mechanism, Paper, Shape, fast_path, register_mechanism
 from ..ops.gqa import repeat_kv
 from ..ops.masking import masked_softmax
+from ..ops.reference import compute_dtype
 from ..ops.sdpa import sdpa
 from ..ops.steps import StepOutputs
 from ..options import check_int
@@ -132,7 +133,7 @@ class RAT(Mechanism):
 
     @staticmethod
     def compute_dtype(x: AttentionInputs) -> torch.dtype:
-        return torch.float64 if x.q.dtype == torch.float64 else torch.float32
+        return compute_dtype(x.q.dtype)
 
     def _prepare(self, x: AttentionInputs):
         """Per query head: ``kv = (k, v)`` ``[B, T, H, 2, D]``, the gate ``g [B, T, H, 1, D]`` (channel d gates k~_d
@@ -312,7 +313,7 @@ class RAT(Mechanism):
     # ---- state and costs ---------------------------------------------------------------------------
 
     def init_state(self, batch, kv_heads, dk, dv, *, device=None, dtype=torch.float32) -> RATState:
-        dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        dtype = compute_dtype(dtype)
         return RATState(
             offset=0,
             chunks=torch.zeros(batch, 0, self.heads, 2, dv, device=device, dtype=dtype),

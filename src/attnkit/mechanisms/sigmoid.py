@@ -19,7 +19,7 @@ from ..kernels.triton import triton_reasons
 from ..mechanism import Complexity, Mechanism, Paper, Shape, fast_path, register_mechanism
 from ..ops.gqa import repeat_kv
 from ..ops.masking import visibility, visible_counts
-from ..ops.reference import upcast_qkv
+from ..ops.reference import compute_dtype, upcast_qkv
 from ..ops.tiled_sigmoid import tiled_sigmoid_attention
 from ..options import check_float
 from ..patterns import ALL_PATTERNS, Pattern
@@ -65,7 +65,7 @@ class Sigmoid(Mechanism):
 
     @fast_path("blocked", priority=10)
     def blocked(self, x: AttentionInputs):
-        compute = torch.float64 if x.q.dtype == torch.float64 else torch.float32
+        compute = compute_dtype(x.q.dtype)
         b, tq, h, d = x.q.shape
         tk = x.tk
 

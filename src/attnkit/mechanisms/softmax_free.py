@@ -27,6 +27,7 @@ from ..errors import InvalidOption
 from ..inputs import AttentionInputs
 from ..mechanism import Complexity, Mechanism, Paper, Shape, fast_path, register_mechanism
 from ..ops.gqa import repeat_kv
+from ..ops.reference import compute_dtype
 from ..options import check_float, check_int
 from ..patterns import Pattern
 
@@ -93,7 +94,7 @@ class SoftmaxFree(Mechanism):
 
     @staticmethod
     def _compute(x: AttentionInputs) -> torch.dtype:
-        return torch.float64 if x.q.dtype == torch.float64 else torch.float32
+        return compute_dtype(x.q.dtype)
 
     def _landmark_weights(self, x: AttentionInputs, dt: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Pooling weights for queries ``[B, m, Tq]`` and keys ``[B, m, Tk]``, the same number of landmarks

@@ -28,6 +28,7 @@ from ..inputs import AttentionInputs
 from ..mechanism import Complexity, Mechanism, Paper, Shape, fast_path, register_mechanism
 from ..ops.gqa import repeat_kv
 from ..ops.masking import masked_softmax, visibility
+from ..ops.reference import compute_dtype
 from ..ops.sdpa import masked_sdpa
 from ..options import check_int
 from ..patterns import ALL_PATTERNS, Pattern
@@ -116,7 +117,7 @@ class SQA(Mechanism):
     # ---- the specification -------------------------------------------------------------------------
 
     def reference(self, x: AttentionInputs):
-        compute = torch.float64 if x.q.dtype == torch.float64 else torch.float32
+        compute = compute_dtype(x.q.dtype)
         q, k, v = self._reduce(x, compute)  # [B, Tq, Hs, Dk], [B, Tk, Hkv', Dk], [B, Tk, Hkv', Dv]
         x, new_state = self._join(x, k.to(x.k.dtype), v.to(x.v.dtype))  # after the cached keys, if any
         k, v = x.k.to(compute), x.v.to(compute)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 
 import torch
@@ -31,3 +32,19 @@ def orthogonal_gaussian(num_features: int, dim: int, seed: int) -> torch.Tensor:
     w = q.transpose(-1, -2).reshape(n_blocks * dim, dim)[:num_features]  # [m, d]: blocks of orthonormal rows
     norms = torch.randn(num_features, dim, generator=g, dtype=torch.float64).norm(dim=1)  # [m] ~ chi_d
     return w * norms[:, None]
+
+
+def positive_random_features(x: torch.Tensor, w: torch.Tensor, *, per_row_max: bool) -> torch.Tensor:
+    """FAVOR+'s positive random features over the last dim: ``phi(x) = exp(W x - |x|^2 / 2) / sqrt(m)``
+    (``x [..., D]``, ``W [m, D]`` -> ``[..., m]``), so that ``phi(q).phi(k)`` estimates ``exp(q.k)``.
+
+    ``per_row_max`` (for queries): subtract each row's largest exponent instead of ``|x|^2 / 2``. That is a
+    factor per query, which cancels between numerator and normaliser, and keeps every exp() <= 1. Keys keep
+    the exact exponent, bounded by ``|w|^2 / 2`` whatever the key.
+    """
+    logits = x @ w.T  # [..., m]
+    if per_row_max:
+        shift = logits.amax(-1, keepdim=True).detach()
+    else:
+        shift = 0.5 * x.square().sum(-1, keepdim=True)
+    return logits.sub_(shift + 0.5 * math.log(w.shape[0])).exp_()

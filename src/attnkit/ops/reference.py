@@ -10,9 +10,14 @@ from .gqa import repeat_kv
 from .masking import masked_softmax, visibility
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype references and accumulating paths compute in: fp64 stays fp64, everything else fp32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def upcast_qkv(x: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q, k, v in fp32 (fp64 stays fp64), with k and v repeated to the query heads (GQA)."""
-    compute = torch.float64 if x.q.dtype == torch.float64 else torch.float32
+    compute = compute_dtype(x.q.dtype)
     q = x.q.to(compute)  # [B, Tq, H, Dk]
     k = repeat_kv(x.k, x.groups).to(compute)  # [B, Tk, H, Dk]
     v = repeat_kv(x.v, x.groups).to(compute)  # [B, Tk, H, Dv]
