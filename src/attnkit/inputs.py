@@ -76,6 +76,12 @@ def _shape(t: torch.Tensor) -> str:
     return "(" + ", ".join(str(s) for s in t.shape) + ")"
 
 
+def check_scale(scale: object) -> None:
+    """Raise InvalidOption unless ``scale`` is a positive finite number."""
+    if isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale) or scale <= 0:
+        raise InvalidOption(f"scale must be a positive finite number; got {scale!r}")
+
+
 def validate(
     mech: Mechanism,
     q: torch.Tensor,
@@ -147,8 +153,8 @@ def validate(
         scale = 1.0 / math.sqrt(dk)
     elif not mech.uses_scale:
         raise InvalidOption(f"{name} does not use a score scale; got scale={scale!r} (leave it None)")
-    elif isinstance(scale, bool) or not isinstance(scale, int | float) or not math.isfinite(scale) or scale <= 0:
-        raise InvalidOption(f"scale must be a positive finite number; got {scale!r}")
+    else:
+        check_scale(scale)
 
     spatial_shape = _check_spatial(mech, spatial_shape, tq)
     return AttentionInputs(

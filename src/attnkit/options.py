@@ -66,9 +66,13 @@ def check_choice(mechanism: str, name: str, value: Any, choices: tuple[str, ...]
         )
 
 
-def check_int(mechanism: str, name: str, value: Any, *, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise InvalidOption(f"{mechanism} option {name}={value!r} is not valid; expected an integer >= {minimum}")
+def check_int(mechanism: str, name: str, value: Any, *, minimum: int = 1, maximum: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum or (maximum and value > maximum):
+        expected = f"an integer >= {minimum}" + (f" and <= {maximum}" if maximum else "")
+        raise InvalidOption(f"{mechanism} option {name}={value!r} is not valid; expected {expected}")
+
+
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed takes a signed 64-bit seed
 
 
 def check_float(mechanism: str, name: str, value: Any, *, positive: bool = False, allow_none: bool = False) -> None:

@@ -172,3 +172,7 @@ def test_errors():
         distill_attention(q, k, attnkit.create("linear"))
     with pytest.raises(InvalidOption, match="feature_dim"):
         attnkit.create("hedgehog", heads=2, head_dim=8, feature_dim=0)
+    student = attnkit.create("hedgehog", heads=2, head_dim=8)
+    for scale in (float("nan"), -3.0, 0):  # a NaN scale used to give a loss of exactly 0
+        with pytest.raises(InvalidOption, match="scale"):
+            distill_attention(q, k, student, scale=scale)

@@ -162,7 +162,7 @@ def test_state_holds_m_features():
     assert mech.flops(shape, attnkit.Pattern.NONCAUSAL_SELF) == want
 
 
-@pytest.mark.parametrize("bad", [{"num_features": 0}, {"seed": -1}, {"eps": 0.0}, {"chunk_size": 0}])
+@pytest.mark.parametrize("bad", [{"num_features": 0}, {"seed": -1}, {"seed": 2**64}, {"eps": 0.0}, {"chunk_size": 0}])
 def test_bad_options_raise(bad):
     with pytest.raises(InvalidOption, match=next(iter(bad))):
         attnkit.create("performer", **bad)

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import ShapeError
-from ..inputs import AttentionInputs, validate
+from ..inputs import AttentionInputs, check_scale, validate
 from ..mechanism import Complexity, Paper, Shape, fast_path, register_mechanism
 from ..ops.chunked import DEFAULT_CHUNK
 from ..ops.gqa import repeat_kv
@@ -170,6 +170,8 @@ def distill_attention(
                  key_padding_mask=key_padding_mask, state=None, return_state=False, spatial_shape=None)  # fmt: skip
     student.check_call(x)
     x = student.per_query_head(x)
+    if scale is not None:
+        check_scale(scale)
     scale = x.scale if scale is None else float(scale)
     seen = visibility(x)  # [B or 1, 1, Tq, Tk] or None
     dtype = student.compute_dtype(x)

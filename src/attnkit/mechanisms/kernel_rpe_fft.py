@@ -41,7 +41,7 @@ from ..ops.feature_maps import orthogonal_gaussian, positive_random_features
 from ..ops.gqa import group_queries, repeat_kv
 from ..ops.masking import visibility, visible_counts
 from ..ops.reference import compute_dtype
-from ..options import check_choice, check_float, check_int
+from ..options import MAX_SEED, check_choice, check_float, check_int
 from ..patterns import Pattern
 from ..state import KVCache
 from .lightning import alibi_slopes
@@ -69,7 +69,7 @@ class KernelRPEFFTOptions:
 
     def __post_init__(self):
         check_int("kernel_rpe_fft", "features", self.features)
-        check_int("kernel_rpe_fft", "seed", self.seed, minimum=0)
+        check_int("kernel_rpe_fft", "seed", self.seed, minimum=0, maximum=MAX_SEED)
         check_int("kernel_rpe_fft", "max_len", self.max_len)
         if not isinstance(self.normalize, bool):
             raise InvalidOption(f"kernel_rpe_fft option normalize={self.normalize!r} is not valid; expected a bool")

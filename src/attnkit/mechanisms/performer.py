@@ -39,7 +39,7 @@ from ..inputs import AttentionInputs
 from ..mechanism import Complexity, Paper, Shape, register_mechanism
 from ..ops.chunked import DEFAULT_CHUNK
 from ..ops.feature_maps import orthogonal_gaussian, positive_random_features
-from ..options import check_float, check_int
+from ..options import MAX_SEED, check_float, check_int
 from ..patterns import ALL_PATTERNS, Pattern
 from ._kernel_base import KernelAttention
 
@@ -56,7 +56,7 @@ class PerformerOptions:
     def __post_init__(self):
         check_int("performer", "num_features", self.num_features)
         if self.seed is not None:
-            check_int("performer", "seed", self.seed, minimum=0)
+            check_int("performer", "seed", self.seed, minimum=0, maximum=MAX_SEED)
         check_float("performer", "eps", self.eps, positive=True)
         check_int("performer", "chunk_size", self.chunk_size)
 
