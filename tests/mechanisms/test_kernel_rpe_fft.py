@@ -124,7 +124,14 @@ def test_alibi_start_and_trainable_rpe():
     with pytest.raises(AttnkitError, match="create"):
         q, k, v = make_qkv(1, 4, 4, 4, 4, 8)
         attnkit.attend(q, k, v, "kernel_rpe_fft", pattern="causal_self")
-    for bad in ({"features": 0}, {"max_len": 0}, {"normalize": "yes"}, {"rpe_init": "random"}, {"eps": 0.0}, {"seed": 2**64}):
+    for bad in (
+        {"features": 0},
+        {"max_len": 0},
+        {"normalize": "yes"},
+        {"rpe_init": "random"},
+        {"eps": 0.0},
+        {"seed": 2**64},
+    ):
         with pytest.raises(InvalidOption):
             attnkit.create("kernel_rpe_fft", heads=4, head_dim=8, **bad)
 

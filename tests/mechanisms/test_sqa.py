@@ -55,6 +55,17 @@ def test_default_is_half_the_heads():
         attnkit.attend(q, k, v, "sqa", pattern="noncausal_self"),
         1e-7,
     )
+    # an odd head count: the largest divisor below half (5 -> 1, 9 -> 3), never an error about an option
+    # the user did not set
+    mech = attnkit.create("sqa")
+    assert [mech.query_heads(h) for h in (1, 3, 5, 6, 9)] == [1, 1, 1, 3, 3]
+    q, k, v = make_qkv(1, 9, 9, 9, 3, 16)
+    assert_close(
+        "odd heads",
+        attnkit.attend(q, k, v, "sqa", pattern="causal_self", query_heads=3),
+        attnkit.attend(q, k, v, "sqa", pattern="causal_self"),
+        1e-7,
+    )
 
 
 def test_flops_scale_with_query_heads():

@@ -24,11 +24,9 @@ from ..ops.chunked import DEFAULT_CHUNK, bidirectional_linear_scan, causal_linea
 from ..ops.gqa import group_queries, repeat_kv
 from ..ops.masking import visibility
 from ..ops.reference import compute_dtype
-from ..ops.steps import StepOutputs
+from ..ops.steps import RECURRENT_MAX_TOKENS, StepOutputs
 from ..patterns import Pattern
 from ..state import RecurrentState
-
-RECURRENT_MAX_TOKENS = 4  # auto takes the token loop only for decoding-size calls
 
 
 class KernelAttention(Mechanism):

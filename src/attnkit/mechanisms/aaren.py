@@ -36,12 +36,11 @@ from ..mechanism import Complexity, Mechanism, Paper, Shape, fast_path, register
 from ..ops.gqa import repeat_kv
 from ..ops.masking import masked_softmax, visibility
 from ..ops.reference import compute_dtype
-from ..ops.steps import StepOutputs
+from ..ops.steps import RECURRENT_MAX_TOKENS, StepOutputs
 from ..options import check_int
 from ..patterns import Pattern
 from ..state import State
 
-RECURRENT_MAX_TOKENS = 4  # auto takes the token loop only for decoding-size calls
 NEG_INF = float("-inf")
 
 

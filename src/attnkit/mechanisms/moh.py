@@ -14,7 +14,7 @@ choice is not differentiable: gradients reach the router through the gates of th
 
 Paths: ``dense`` runs every head with SDPA and gates the result; ``gather`` computes only what is
 used: the shared heads for every token, each routed head only for the tokens that chose it. ``auto``
-takes gather where it was measured faster (non-causal-self calls of >= 1024 queries, see below).
+takes gather where it was measured faster (noncausal calls of >= 1024 queries, see below).
 The router is the ViT/DiT one (learned W_r, W_s, W_h); MoH-LLaMA3's norm-based gates are not modelled.
 """
 
@@ -40,7 +40,7 @@ from .softmax import causal_factor
 # Measured on the 2-core CPU (B=1, H=8, D=64, 4 shared + top-2 of 4 routed heads, fp32, one thread): at T = 4096
 # gather takes 0.79 of SDPA's time noncausal (dense 1.02), but 1.04 causal (dense 1.01: a masked SDPA call over
 # chosen queries skips less than the causal kernel); at T = 1024 0.92 vs 1.18 noncausal; at T = 256 it loses.
-GATHER_MIN_TOKENS = 1024  # auto takes gather for non-causal-self calls with at least this many queries
+GATHER_MIN_TOKENS = 1024  # auto takes gather for noncausal calls with at least this many queries
 ROUTED_CHUNK = 256  # causal: a routed head's chosen queries go in chunks that read keys up to the chunk's end
 
 

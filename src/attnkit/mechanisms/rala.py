@@ -42,7 +42,7 @@ from ..mechanism import Complexity, Mechanism, Paper, Shape, fast_path, register
 from ..ops.gqa import group_queries, repeat_kv
 from ..ops.masking import visibility
 from ..ops.reference import compute_dtype
-from ..ops.steps import StepOutputs
+from ..ops.steps import RECURRENT_MAX_TOKENS, StepOutputs
 from ..options import check_float, check_int
 from ..patterns import ALL_PATTERNS, Pattern
 from ..state import State
@@ -79,7 +79,6 @@ def _state_dtype(dtype: torch.dtype) -> torch.dtype:
 # the largest spread of reference logits one shared reference may cover: e^-60 is still a normal fp32
 # number (the smallest is e^-87), so every scaled term keeps its full precision
 SAFE_SPAN = {torch.float32: 60.0, torch.float64: 600.0}
-RECURRENT_MAX_TOKENS = 4  # auto takes the token loop only for decoding-size calls
 
 
 def _nonzero(t: torch.Tensor) -> torch.Tensor:
@@ -265,8 +264,10 @@ class Rala(Mechanism):
     @fast_path("chunk", priority=10)
     def chunk(self, x: AttentionInputs):
         """causal_self in chunks of C tokens, all chunks at once: each chunk's buffer relative to its own
-        largest logit, a log-depth scan of those across chunks (the state enters as element 0), then the
-        masked C x C form inside every chunk with per-row reference logits. Every weight is exp(<= 0)."""
+        largest logit, carried across chunks (the state enters as element 0) by a cumulative sum against one
+        shared reference logit, or by a log-depth rescaling scan when the logits span more than SAFE_SPAN
+        (then every factor is exp(<= 0)); then the masked C x C form inside every chunk with per-row
+        reference logits."""
         dt = self._compute(x)
         b, t, hq, d = x.q.shape
         hkv, g, dv = x.kv_heads, x.groups, x.v.shape[-1]

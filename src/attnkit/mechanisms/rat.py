@@ -36,7 +36,7 @@ from ..ops.gqa import repeat_kv
 from ..ops.masking import masked_softmax
 from ..ops.reference import compute_dtype
 from ..ops.sdpa import sdpa
-from ..ops.steps import StepOutputs
+from ..ops.steps import RECURRENT_MAX_TOKENS, StepOutputs
 from ..options import check_int
 from ..patterns import Pattern
 from ..state import State
@@ -46,7 +46,6 @@ SCAN_BLOCK = 16  # tokens per block of the two-level recurrence scan (a short lo
 # may see plus its queries' own partial summaries (a diagonal): larger blocks copy the summaries less
 # often but add more diagonal keys. 128 measured best on the 2-core CPU at T = 4K-16K, L = 16.
 QUERY_BLOCK = 128
-RECURRENT_MAX_TOKENS = 4  # auto takes the token loop only for decoding-size calls
 
 
 @dataclass(frozen=True)
@@ -117,7 +116,8 @@ class RAT(Mechanism):
         fan_in = 2 * head_dim  # the gate reads [k; v]
         bound = 1.0 / math.sqrt(fan_in)  # nn.Linear's default initialisation
         self.gate_weight = nn.Parameter((torch.rand(heads, fan_in, head_dim) * 2 - 1) * bound)
-        top = max(self.options.chunk_size - 1, 1)  # authors' code: b = log U(1, L - 1), so g starts in [1/2, 1 - 1/L]
+        # authors' code: b = log U(1, L - 1), so sigmoid(b) starts in [1/2, 1 - 1/L]
+        top = max(self.options.chunk_size - 1, 1)
         self.gate_bias = nn.Parameter(torch.log(1 + torch.rand(heads, head_dim) * (top - 1)))
 
     def check_call(self, x: AttentionInputs) -> None:

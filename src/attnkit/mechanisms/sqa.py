@@ -38,7 +38,8 @@ from .softmax import causal_factor
 
 @dataclass(frozen=True)
 class SQAOptions:
-    query_heads: int | None = None  # Hs, the query heads attention runs on; None: half of q's heads (SQA)
+    query_heads: int | None = None  # Hs, the query heads attention runs on; None: half of q's heads, or for an
+    # odd count the largest divisor below half (5 -> 1, 9 -> 3), so the default always divides them
     pool_kv: bool = True  # k with more heads than Hs: average groups of kv heads (sSQA); False: raise
 
     def __post_init__(self):
@@ -81,7 +82,9 @@ class SQA(Mechanism):
 
     def query_heads(self, heads: int) -> int:
         """Hs for q with ``heads`` heads."""
-        return self.options.query_heads or max(1, heads // 2)
+        if self.options.query_heads is not None:
+            return self.options.query_heads
+        return max(d for d in range(1, max(1, heads // 2) + 1) if heads % d == 0)
 
     def layout(self, heads: int, kv_heads: int) -> tuple[int, int]:
         """(Hs, kv heads attention uses) for these head counts; raises ShapeError if they do not fit."""

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+RECURRENT_MAX_TOKENS = 4  # auto takes a token-by-token (recurrent) path only for decoding-size calls
+
 
 class StepOutputs:
     """``add(t, y)`` for t = 0..steps-1 (each ``y`` the same shape ``[B, ...]``), then ``stacked()``:
