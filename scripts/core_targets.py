@@ -4,7 +4,7 @@
 
 B=1, H=8, D=64, fp32, forward. Each comparison interleaves the two candidates for several rounds and
 keeps each one's best median, so machine noise hits both alike. Peak memory is measured in a fresh
-subprocess per case (ru_maxrss above the subprocess's baseline after building the inputs).
+subprocess per case (the benchmark's own worker: VmHWM above the resident set after building the inputs).
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 import attnkit
-from attnkit.bench.memory import CallSpec, peak_memory_cpu
+from attnkit.bench.cases import Case
+from attnkit.bench.runner import run_worker
 from attnkit.bench.timing import time_fn
 from attnkit.testing import make_qkv
 
@@ -62,13 +63,18 @@ def versus_sdpa(name: str, pattern: str, lengths, **options) -> None:
 
 
 def memory(name: str, lengths, **options) -> None:
-    for backward in (False, True):
-        row = []
+    """Peak memory as the benchmark measures it: the sweep's worker process, one fresh process per case."""
+    for mode in ("fwd", "fwdbwd"):
+        row, path = [], "?"
         for t in lengths:
-            peak, path = peak_memory_cpu(CallSpec(name, "causal_self", B, t, t, H, H, D, options=options,
-                                                  backward=backward), threads=2)  # fmt: skip
-            row.append(f"T={t}: {peak / 2**20:.0f} MiB")
-        print(f"  {name} ({path}) peak memory {'fwd+bwd' if backward else 'fwd'}: " + ", ".join(row))
+            case = Case("speed", name, "auto", "causal_self", mode, t, batch=B, heads=H, kv_heads=H, head_dim=D,
+                        options=options, runs=1)  # fmt: skip
+            result = run_worker(case, threads=2, timeout_s=600)
+            if result["status"] != "ok":
+                raise RuntimeError(f"{name} T={t} {mode}: {result}")
+            path = result["path"]
+            row.append(f"T={t}: {result['peak_bytes'] / 2**20:.0f} MiB")
+        print(f"  {name} ({path}) peak memory {'fwd+bwd' if mode == 'fwdbwd' else 'fwd'}: " + ", ".join(row))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from attnkit.bench.memory import CallSpec, call_peak_bytes, peak_memory_cpu
+from attnkit.bench.cases import Case
+from attnkit.bench.memory import call_peak_bytes
+from attnkit.bench.runner import run_worker
 from attnkit.bench.timing import time_fn
 
 
@@ -23,13 +25,15 @@ def test_call_peak_bytes_sees_an_allocation():
     assert 60 * 2**20 < peak < 100 * 2**20
 
 
-def test_subprocess_probe_is_not_fooled_by_a_big_parent():
-    ballast = torch.ones(300 * 2**20 // 4)  # the parent's peak must not hide the child's
-    small, _ = peak_memory_cpu(CallSpec("softmax", "noncausal_self", 1, 256, 256, 2, 2, 16))
-    big, path = peak_memory_cpu(
-        CallSpec("sliding_window", "causal_self", 1, 4096, 4096, 8, 8, 64, options={"window": 64}, backward=True)
-    )
-    assert path == "blocked" and big > 10 * 2**20 and big > 4 * small
+def test_sweep_worker_memory_is_not_fooled_by_a_big_parent():
+    """The sweep's own worker process: the parent's (or forkserver's) peak must not hide the case's."""
+    ballast = torch.ones(300 * 2**20 // 4)
+    small = run_worker(Case("speed", "softmax", "sdpa", "noncausal_self", "fwd", 256, heads=2, kv_heads=2,
+                            head_dim=16, runs=1), threads=1, timeout_s=120)  # fmt: skip
+    big = run_worker(Case("speed", "sliding_window", "blocked", "causal_self", "fwdbwd", 4096, options={"window": 64},
+                          runs=1), threads=1, timeout_s=300)  # fmt: skip
+    assert small["status"] == big["status"] == "ok", (small, big)
+    assert big["path"] == "blocked" and big["peak_bytes"] > 10 * 2**20 and big["peak_bytes"] > 4 * small["peak_bytes"]
     del ballast
 
 
