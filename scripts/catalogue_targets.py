@@ -4,7 +4,7 @@
 
 B=1, H=8, D=64, fp32, forward, causal_self where supported (else noncausal_self):
 - each linear-in-T mechanism against SDPA softmax at T = 8192 (interleaved, best median of 2 rounds);
-- its peak memory at 4K and 16K (a fresh subprocess per case);
+- its peak memory at 4K and 16K (the benchmark's worker: a fresh process per case);
 - retention and lightning chunk paths against linear's chunk path at T = 8192;
 - one decoding step (state advancing) at context 1K and 4K for the stateful ones.
 """
@@ -12,11 +12,10 @@ B=1, H=8, D=64, fp32, forward, causal_self where supported (else noncausal_self)
 from __future__ import annotations
 
 import torch
+from core_targets import best_of, peak_bytes
 
 import attnkit
 from attnkit.bench.cases import Case
-from attnkit.bench.memory import CallSpec, peak_memory_cpu
-from attnkit.bench.timing import time_fn
 from attnkit.bench.worker import measure
 from attnkit.testing import make_qkv
 
@@ -34,14 +33,6 @@ def build(name: str):
     return attnkit.create(name, heads=H, head_dim=D, **OPTIONS.get(name, {}))
 
 
-def best_of(rounds: int, **candidates) -> dict[str, float]:
-    best = {name: float("inf") for name in candidates}
-    for _ in range(rounds):
-        for name, fn in candidates.items():
-            best[name] = min(best[name], time_fn(fn, runs=3).median_ms)
-    return best
-
-
 def speed(t: int = 8192) -> None:
     print(f"speed at T={t} against SDPA softmax (same pattern)")
     q, k, v = make_qkv(B, t, t, H, H, D)
@@ -49,7 +40,7 @@ def speed(t: int = 8192) -> None:
         mech, pattern = build(name), pattern_of(name)
         mine = lambda m=mech, p=pattern: m(q, k, v, pattern=p)  # noqa: E731
         base = lambda p=pattern: attnkit.attend(q, k, v, pattern=p)  # noqa: E731
-        r = best_of(2, mech=mine, sdpa=base)
+        r = best_of(2, runs=3, mech=mine, sdpa=base)
         mech(q, k, v, pattern=pattern)
         print(
             f"  {name:15s} {pattern:15s} {mech.last_path:13s} {r['mech']:8.1f} ms   SDPA {r['sdpa']:8.1f} ms"
@@ -61,7 +52,8 @@ def decay_vs_linear(t: int = 8192) -> None:
     print(f"chunk paths at T={t}, causal")
     q, k, v = make_qkv(B, t, t, H, H, D)
     mechs = {n: build(n) for n in ("linear", "retention", "lightning")}
-    r = best_of(3, **{n: (lambda m=m: m(q, k, v, pattern="causal_self", path="chunk")) for n, m in mechs.items()})
+    calls = {n: (lambda m=m: m(q, k, v, pattern="causal_self", path="chunk")) for n, m in mechs.items()}
+    r = best_of(3, runs=3, **calls)
     for n in ("retention", "lightning"):
         print(f"  {n:10s} {r[n]:7.1f} ms   linear {r['linear']:7.1f} ms   ratio {r[n] / r['linear']:.2f}")
 
@@ -70,8 +62,7 @@ def memory() -> None:
     print("peak memory (forward), 4K -> 16K")
     for name in LINEAR_IN_T:
         pattern = pattern_of(name)
-        peaks = [peak_memory_cpu(CallSpec(name, pattern, B, t, t, H, H, D, options=OPTIONS.get(name)), threads=2)[0]
-                 for t in (4096, 16384)]  # fmt: skip
+        peaks = [peak_bytes(name, pattern, t, options=OPTIONS.get(name))[0] for t in (4096, 16384)]
         print(
             f"  {name:15s} {pattern:15s} {peaks[0] / 2**20:7.0f} MiB -> {peaks[1] / 2**20:7.0f} MiB"
             f"   x{peaks[1] / peaks[0]:.2f}"

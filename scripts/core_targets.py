@@ -21,12 +21,23 @@ from attnkit.testing import make_qkv
 B, H, D = 1, 8, 64
 
 
-def best_of(rounds: int, **candidates) -> dict[str, float]:
+def best_of(rounds: int, runs: int = 5, **candidates) -> dict[str, float]:
+    """Each candidate's best median over ``rounds`` interleaved rounds of ``runs`` timed calls."""
     best = {name: float("inf") for name in candidates}
     for _ in range(rounds):
         for name, fn in candidates.items():
-            best[name] = min(best[name], time_fn(fn, runs=5).median_ms)
+            best[name] = min(best[name], time_fn(fn, runs=runs).median_ms)
     return best
+
+
+def peak_bytes(name: str, pattern: str, t: int, mode: str = "fwd", options: dict | None = None) -> tuple[int, str]:
+    """(peak bytes, path) of one call as the benchmark measures it: its worker, a fresh process per case."""
+    case = Case("speed", name, "auto", pattern, mode, t, batch=B, heads=H, kv_heads=H, head_dim=D,
+                options=options or {}, runs=1)  # fmt: skip
+    result = run_worker(case, threads=2, timeout_s=600)
+    if result["status"] != "ok":
+        raise RuntimeError(f"{name} {pattern} T={t} {mode}: {result}")
+    return result["peak_bytes"], result["path"]
 
 
 def softmax_overhead() -> None:
@@ -67,13 +78,8 @@ def memory(name: str, lengths, **options) -> None:
     for mode in ("fwd", "fwdbwd"):
         row, path = [], "?"
         for t in lengths:
-            case = Case("speed", name, "auto", "causal_self", mode, t, batch=B, heads=H, kv_heads=H, head_dim=D,
-                        options=options, runs=1)  # fmt: skip
-            result = run_worker(case, threads=2, timeout_s=600)
-            if result["status"] != "ok":
-                raise RuntimeError(f"{name} T={t} {mode}: {result}")
-            path = result["path"]
-            row.append(f"T={t}: {result['peak_bytes'] / 2**20:.0f} MiB")
+            peak, path = peak_bytes(name, "causal_self", t, mode, options)
+            row.append(f"T={t}: {peak / 2**20:.0f} MiB")
         print(f"  {name} ({path}) peak memory {'fwd+bwd' if mode == 'fwdbwd' else 'fwd'}: " + ", ".join(row))
 
 
