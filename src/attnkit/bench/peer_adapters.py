@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from ..ops.banded import band_pairs
+from ..api import create
 from ..patterns import as_pattern, causal, window
 from .cases import BENCH_OPTIONS, Case
 
@@ -111,10 +111,10 @@ def _local_build(case: Case, q, k, v, grad: bool) -> Forward:
     return lambda: m(qh, kh, vh, mask=mask)
 
 
-def _window_flops(case: Case) -> float:
-    w, s = _opt(case, "window"), case.shape()
-    pairs = band_pairs(s.tq, w - 1, 0 if case.pattern == CS else w - 1)  # as attnkit's sliding_window
-    return 2.0 * _bh(case) * pairs * (s.dk + s.dv)
+def _counterpart_flops(case: Case) -> float:
+    """An exact peer does the work of its attnkit counterpart: the counterpart's own count."""
+    mech = create(case.mechanism, heads=case.heads, head_dim=case.head_dim, **case.options)
+    return mech.flops(case.shape(), as_pattern(case.pattern))
 
 
 def _window_check(case: Case) -> str | None:
@@ -157,11 +157,6 @@ def _flex_build(case: Case, q, k, v, grad: bool) -> Forward:
     for t in (qh, kh, vh):
         t.grad = None
     return forward
-
-
-def _softmax_flops(case: Case) -> float:
-    s = case.shape()
-    return 2.0 * _bh(case) * s.tq * s.tk * (s.dk + s.dv) * (0.5 if case.pattern == CS else 1.0)
 
 
 # ---- approximations, kernel level -----------------------------------------------------------------
@@ -316,7 +311,7 @@ PEERS: dict[str, PeerSpec] = {
         frozenset({NS, CS}),
         KERNEL,
         _local_build,
-        _window_flops,
+        _counterpart_flops,
         _WINDOW,
         check=_window_check,
     ),
@@ -327,7 +322,7 @@ PEERS: dict[str, PeerSpec] = {
         frozenset({NS, CS, NC, CC}),
         KERNEL,
         _flex_build,
-        _softmax_flops,
+        _counterpart_flops,
         dict(BENCH_OPTIONS.get("softmax", {})),
         cpu_fwd_only=True,
     ),
@@ -338,7 +333,7 @@ PEERS: dict[str, PeerSpec] = {
         frozenset({NS, CS}),
         KERNEL,
         _flex_build,
-        _window_flops,
+        _counterpart_flops,
         _WINDOW,
         cpu_fwd_only=True,
         check=_window_check,
