@@ -83,20 +83,22 @@ class Gaussian(Mechanism):
 
     def reference(self, x: AttentionInputs):
         q, k, v = upcast_qkv(x)  # [B, T, H, D], k and v repeated to the query heads
-        compute = q.dtype
         scores = torch.einsum("bqhd,bkhd->bhqk", q, k) * x.scale  # [B, H, Tq, Tk]
-        seen = visibility(x)  # [B|1, 1, Tq, Tk] or None
-        w = torch.ones_like(scores[:1, :1]) if seen is None else seen.to(compute)
+        probs = self.gaussian_weights(scores, visibility(x))
+        out = torch.einsum("bhqk,bkhd->bqhd", probs, v)  # [B, Tq, H, Dv]
+        return out.to(x.q.dtype), None
+
+    def gaussian_weights(self, scores: torch.Tensor, seen: torch.Tensor | None) -> torch.Tensor:
+        """The attention weights from written-out scores ``[B, H, Tq, Tk]`` (``seen``: visibility or None)."""
+        w = torch.ones_like(scores[:1, :1]) if seen is None else seen.to(scores.dtype)
         n = w.sum(-1, keepdim=True).clamp(min=1)  # keys each query sees
         mu = (scores * w).sum(-1, keepdim=True) / n  # [B, H, Tq, 1]
         var = ((scores - mu).square() * w).sum(-1, keepdim=True) / n  # population variance of the row
-        delta = self.offset.to(compute)[:, None, None]  # [H, 1, 1]
-        xi = self.spread.to(compute).square()[:, None, None]
+        delta = self.offset.to(scores.dtype)[:, None, None]  # [H, 1, 1]
+        xi = self.spread.to(scores.dtype).square()[:, None, None]
         x_norm = (scores - (mu + delta)) / torch.sqrt(var + self.options.eps)
         log_gauss = -x_norm.square() / (2 * xi)  # log G
-        probs = masked_softmax(scores + log_gauss, seen)  # softmax(s) * G, renormalised
-        out = torch.einsum("bhqk,bkhd->bqhd", probs, v)  # [B, Tq, H, Dv]
-        return out.to(x.q.dtype), None
+        return masked_softmax(scores + log_gauss, seen)  # softmax(s) * G, renormalised
 
     # ---- fast path ---------------------------------------------------------------------------------
 
@@ -155,14 +157,7 @@ class Gaussian(Mechanism):
         """Few queries (``[B*H, Tq, D]``, Tq <= DIRECT_MAX_QUERIES): scores once, row statistics from them."""
         b, h = x.batch, x.heads
         scores = (q @ k.mT).view(b, h, x.tq, x.tk) * x.scale  # [B, H, Tq, Tk]: Tq rows only
-        seen = visibility(x)
-        w = torch.ones_like(scores[:1, :1]) if seen is None else seen.to(scores.dtype)
-        n = w.sum(-1, keepdim=True).clamp(min=1)
-        mu = (scores * w).sum(-1, keepdim=True) / n
-        var = ((scores - mu).square() * w).sum(-1, keepdim=True) / n
-        xi = self.spread.to(scores.dtype).square()[:, None, None]
-        m = mu + self.offset.to(scores.dtype)[:, None, None]
-        probs = masked_softmax(scores - (scores - m).square() / (2 * xi * (var + self.options.eps)), seen)
+        probs = self.gaussian_weights(scores, visibility(x))
         out = probs.view(b * h, x.tq, x.tk) @ v  # [B*H, Tq, Dv]
         return out.view(b, h, x.tq, -1).transpose(1, 2).to(x.q.dtype).contiguous()
 
