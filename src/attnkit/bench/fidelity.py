@@ -129,11 +129,11 @@ def run_fidelity(
             try:
                 err = measure_fidelity(case)
                 store.add(run, {**row, "status": "ok", "error": err})
-                summary.measured += 1
+                summary.count(case.label(), "ok")
             except Exception as exc:  # noqa: BLE001 - one failing case is recorded, the sweep goes on
-                store.add(run, {**row, "status": "error", "reason": f"{type(exc).__name__}: {exc}"[:400]})
-                summary.failed += 1
-                summary.failures.append(f"{case.label()}: {exc}")
+                reason = f"{type(exc).__name__}: {exc}"[:400]
+                store.add(run, {**row, "status": "error", "reason": reason})
+                summary.count(case.label(), "error", reason)
             progress.finish_case(time.perf_counter() - started)
     except KeyboardInterrupt:
         return summary.close(store, run, progress, interrupted=True)

@@ -64,6 +64,14 @@ class Summary:
         ]
         return ("interrupted: " if self.interrupted else "sweep done: ") + ", ".join(parts)
 
+    def count(self, label: str, status: str, reason: str | None = None) -> None:
+        """Tally one finished case (any status but ok is a failure, listed with its reason)."""
+        if status == "ok":
+            self.measured += 1
+        else:
+            self.failed += 1
+            self.failures.append(f"{label}: {status}: {reason}")
+
     def close(self, store: Store, run: Run, progress: Progress, *, interrupted: bool = False) -> Summary:
         """Mark the run finished (or interrupted) in the store and end the progress bar."""
         self.interrupted = interrupted
@@ -206,11 +214,7 @@ def run_sweep(
                 result["peak_fraction"] = result["gflops"] / peaks[case.dtype]
             store.add(run, {**row, **result})
             points.append(_Point(case.tokens, result["status"], result.get("median_ms"), result.get("peak_bytes")))
-            if result["status"] == "ok":
-                summary.measured += 1
-            else:
-                summary.failed += 1
-                summary.failures.append(f"{case.label()}: {result['status']}: {result.get('reason')}")
+            summary.count(case.label(), result["status"], result.get("reason"))
             progress.finish_case(time.perf_counter() - started)
     except KeyboardInterrupt:
         return summary.close(store, run, progress, interrupted=True)
