@@ -6,14 +6,47 @@ import torch
 
 from attnkit.bench.cases import Case
 from attnkit.bench.memory import call_peak_bytes
-from attnkit.bench.runner import run_worker
-from attnkit.bench.timing import time_fn
+from attnkit.bench.runner import Budget, run_worker
+from attnkit.bench.timing import calls_per_block, time_call, time_paired
 
 
-def test_time_fn_reports_median_and_spread():
+def test_time_call_reports_median_spread_and_runs():
     calls = []
-    t = time_fn(lambda: calls.append(1), warmup=2, runs=4)
-    assert len(calls) == 6 and t.runs == 4 and t.min_ms <= t.median_ms <= t.max_ms
+    t = time_call(lambda: calls.append(1), threads=1, budget_s=0.05, min_rounds=3)
+    # Timer.timeit warms up before each block; the first block (1 call) sizes the others
+    assert t.rounds >= 3 and len(calls) == calls_per_block(1) + t.runs + t.rounds * (
+        calls_per_block(t.runs // t.rounds) - t.runs // t.rounds
+    )
+    assert 0 < t.min_ms <= t.median_ms and t.iqr_ms >= 0
+
+
+def test_paired_timing_interleaves_and_measures_the_ratio():
+    """Subject and baseline alternate block by block; the paired ratio tracks the true cost ratio."""
+    order = []
+    a = torch.randn(256, 256)
+
+    def subject():
+        order.append("a")
+        return a @ a
+
+    def baseline():
+        order.append("b")
+        return (a @ a) @ a @ a  # three matmuls: about 3x the subject
+
+    p = time_paired(subject, baseline, threads=1, budget_s=0.5, min_rounds=4)
+    assert p.baseline is not None and p.subject.rounds == p.baseline.rounds >= 4
+    assert 1.5 < p.speedup < 6, p
+    runs = [k for i, k in enumerate(order) if i == 0 or order[i - 1] != k]  # blocks, as a sequence
+    assert runs[:2] == ["a", "b"] and len(runs) >= 6  # a, b, (b a merged) ...: never all a then all b
+
+
+def test_time_paired_stops_at_the_call_limit():
+    calls = []
+    p = time_paired(lambda: calls.append(1), threads=1, budget_s=10, min_rounds=50, max_calls=40)
+    assert len(calls) <= 40 and p.subject.rounds >= 1
+
+
+QUICK = Budget(time_s=30, timing_s=0.1)
 
 
 def test_call_peak_bytes_sees_an_allocation():
@@ -29,9 +62,9 @@ def test_sweep_worker_memory_is_not_fooled_by_a_big_parent():
     """The sweep's own worker process: the parent's (or forkserver's) peak must not hide the case's."""
     ballast = torch.ones(300 * 2**20 // 4)
     small = run_worker(Case("speed", "softmax", "sdpa", "noncausal_self", "fwd", 256, heads=2, kv_heads=2,
-                            head_dim=16, runs=1), threads=1, timeout_s=120)  # fmt: skip
+                            head_dim=16, runs=1), threads=1, timeout_s=120, budget=QUICK)  # fmt: skip
     big = run_worker(Case("speed", "sliding_window", "blocked", "causal_self", "fwdbwd", 4096, options={"window": 64},
-                          runs=1), threads=1, timeout_s=300)  # fmt: skip
+                          runs=1), threads=1, timeout_s=300, budget=QUICK)  # fmt: skip
     assert small["status"] == big["status"] == "ok", (small, big)
     assert big["path"] == "blocked" and big["peak_bytes"] > 10 * 2**20 and big["peak_bytes"] > 4 * small["peak_bytes"]
     del ballast

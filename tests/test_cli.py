@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -94,8 +95,13 @@ def test_bench_report_export_end_to_end(tmp_path, capsys):
     ("argv", "words"),
     [
         (["--mechanisms", "nonesuch*"], "no mechanism matches 'nonesuch*'"),
-        (["--lengths", "0"], "expected a positive integer, got '0'"),
+        (["--lengths", "0"], "expected an integer from 1 to 4194304, got '0'"),
         (["--lengths", "12.5"], "expected a positive integer, got '12.5'"),
+        (["--lengths", "256,9999999999"], "expected an integer from 1 to 4194304, got '9999999999'"),
+        (["--threads", "4096"], "expected an integer from 1 to 1024"),
+        (["--threads", str((os.cpu_count() or 1) + 1)], "threads would share cores"),
+        (["--memory-budget", "1e9"], "more than the"),
+        (["--runs", "99999999"], "expected an integer from 1 to 10000"),
         (["--patterns", "causal"], "invalid choice: 'causal'"),
         (["--time-budget", "-1"], "expected a positive number"),
     ],

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import attnkit
-from attnkit.bench.cases import Case
-from attnkit.bench.peers import PEERS, available_peers, peer_call, peer_cases
+from attnkit.bench.cases import Case, peer_cases
+from attnkit.bench.peers import PEERS, available_peers, peer_call
 from attnkit.errors import InvalidOption
 from attnkit.patterns import as_pattern
 from attnkit.testing import make_qkv
@@ -132,7 +132,7 @@ def test_peer_cases_only_supported():
         assert (c.kind, c.path, c.mechanism) == ("peer", "peer", spec.mechanism)
         assert c.pattern in spec.patterns and c.mode in ("fwd", "fwdbwd")
         assert c.options == spec.options and c.runs == 3 and c.heads == c.kv_heads
-        assert Case(**dataclasses.asdict(c)) == c  # plain data: it crosses to the worker as a dict
+        assert Case(**dataclasses.asdict(c)) == c  # plain data: it crosses to the worker process
         assert not (c.peer in FLEX and c.mode == "fwdbwd"), "FlexAttention has no CPU backward"
         assert not (c.peer == "reformer-pytorch" and c.tokens == 320), "T % (2 * bucket) != 0 is skipped"
     if "local-attention" in names:

@@ -38,7 +38,7 @@ def _speed(mech, path, pattern, t, ms, peak, **extra):
         "status": "ok",
         "median_ms": ms,
         "min_ms": ms and ms * 0.9,
-        "max_ms": ms and ms * 1.1,
+        "iqr_ms": ms and ms * 0.05,
         "runs": 5,
         "peak_bytes": peak,
         "gflops": 50.0,

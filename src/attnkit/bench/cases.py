@@ -1,31 +1,28 @@
-"""What a speed sweep measures: cases built from the registry, and the presets.
+"""What a speed sweep measures: cases built from the registry, the peers' cases, and the presets.
 
-A case is plain data (it crosses a process boundary to the worker). Nothing here names a mechanism:
-every registered mechanism, each of its fast paths and each pattern it supports is enumerated, plus
-two baselines in the same run: SDPA softmax (``softmax``/``sdpa``) and a naive materialised softmax
-(``softmax``/``reference``).
+Nothing here names a mechanism: every registered mechanism, each of its fast paths and each pattern
+it supports is enumerated, plus two baselines in the same run: SDPA softmax (``softmax``/``sdpa``) and
+a naive materialised softmax (``softmax``/``reference``). Every case also times SDPA beside itself
+(``speed.py``), so its speed-up is paired.
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, field
-from typing import Any
+import re
+from dataclasses import dataclass
 
 from ..api import create, mechanisms
-from ..errors import InvalidOption, UnknownMechanism
-from ..mechanism import REGISTRY, Shape
+from ..errors import InvalidOption, UnknownMechanism, did_you_mean
+from ..mechanism import REGISTRY
 from ..patterns import Pattern, as_pattern
-from ..testing import paths_for
+from .case import BENCH_OPTIONS, DTYPES, MODES
+from .inputs import paths_for
+from .peers import PEERS, available_peers, why_not
+from .speed import Case
 
-MODES = ("fwd", "fwdbwd", "decode")
-DTYPES = ("float32", "bfloat16", "float16")
-BASELINES = {("softmax", "sdpa"): "SDPA softmax", ("softmax", "reference"): "naive softmax"}
-# options the sweep gives mechanisms (defaults otherwise): the values a reader expects in a comparison
-BENCH_OPTIONS: dict[str, dict[str, Any]] = {
-    "sliding_window": {"window": 256},
-    "cosformer": {"max_len": 131072},  # positions must stay below max_len: room for the GPU preset's lengths
-}
+__all__ = ["Case", "PRESETS", "Preset", "check_request", "peer_cases", "select_mechanisms", "speed_cases"]
+
+MAX_TOKENS = 1 << 22  # 4M tokens: longer is a typo, not a benchmark (checked before anything runs)
 
 
 @dataclass(frozen=True)
@@ -35,7 +32,8 @@ class Preset:
     modes: tuple[str, ...]
     device: str
     time_budget_s: float  # per case: cases predicted to take longer are recorded as skipped
-    runs: int = 5
+    runs: int = 5  # timed rounds at least
+    timing_s: float = 2.0  # per case: time the paired rounds may take once ``runs`` rounds are done
     decode_lengths: tuple[int, ...] = ()
     fidelity_lengths: tuple[int, ...] = (256, 1024, 4096)
 
@@ -47,6 +45,7 @@ PRESETS: dict[str, Preset] = {
         ("fwd", "decode"),
         "cpu",
         15.0,
+        timing_s=1.0,
         decode_lengths=(1024, 4096),
         fidelity_lengths=(256, 1024),
     ),
@@ -56,6 +55,7 @@ PRESETS: dict[str, Preset] = {
         ("fwd", "fwdbwd", "decode"),
         "cpu",
         60.0,
+        timing_s=4.0,
         decode_lengths=(1024, 4096),
     ),
     "gpu": Preset(
@@ -65,99 +65,41 @@ PRESETS: dict[str, Preset] = {
         "cuda",
         30.0,
         runs=20,
+        timing_s=4.0,
         decode_lengths=(4096, 16384, 65536),
     ),
 }
 
 
-@dataclass(frozen=True)
-class Case:
-    """One measurement. ``tokens`` is T: keys, and queries for self patterns (cross: Tq = T / 4)."""
-
-    kind: str  # speed | decode | peer
-    mechanism: str
-    path: str
-    pattern: str
-    mode: str
-    tokens: int
-    dtype: str = "float32"
-    device: str = "cpu"
-    batch: int = 1
-    heads: int = 8
-    kv_heads: int = 8
-    head_dim: int = 64
-    options: dict[str, Any] = field(default_factory=dict)
-    runs: int = 5
-    peer: str | None = None  # peer adapter name (kind == "peer")
-
-    @property
-    def tq(self) -> int:
-        if self.mode == "decode":
-            return 1
-        return self.tokens if as_pattern(self.pattern).is_self else max(1, self.tokens // 4)
-
-    @property
-    def tk(self) -> int:
-        return self.tokens
-
-    @property
-    def series(self) -> tuple:
-        """Everything but T: cases of one series form one curve."""
-        return (
-            self.kind,
-            self.mechanism,
-            self.path,
-            self.pattern,
-            self.mode,
-            self.dtype,
-            self.device,
-            self.peer,
-            json.dumps(self.options, sort_keys=True),
-        )
-
-    def shape(self) -> Shape:
-        return Shape(self.batch, self.tq, self.tk, self.heads, self.kv_heads, self.head_dim, self.head_dim)
-
-    def key(self, device_name: str, threads: int) -> str:
-        """Identity in the store: what was measured and on which machine (not the code revision)."""
-        d = asdict(self)
-        d.pop("runs")
-        return json.dumps({**d, "device_name": device_name, "threads": threads}, sort_keys=True)
-
-    def label(self) -> str:
-        base = BASELINES.get((self.mechanism, self.path))
-        name = base or (f"{self.peer} (peer)" if self.peer else f"{self.mechanism}/{self.path}")
-        return f"{name} {self.pattern} {self.mode} T={self.tokens} {self.dtype}"
-
-    def row(self) -> dict[str, Any]:
-        """The descriptive columns of this case's result row."""
-        return {
-            "kind": self.kind,
-            "mechanism": self.mechanism,
-            "path": self.path,
-            "pattern": self.pattern,
-            "mode": self.mode,
-            "tokens": self.tokens,
-            "tq": self.tq,
-            "tk": self.tk,
-            "batch": self.batch,
-            "heads": self.heads,
-            "kv_heads": self.kv_heads,
-            "head_dim": self.head_dim,
-            "dtype": self.dtype,
-            "options": self.options,
-            "extra": {"peer": self.peer} if self.peer else {},
-        }
+def split_names(names: str | list[str] | tuple[str, ...]) -> list[str]:
+    """``"lin*,sigmoid"``, ``["lin*", "sigmoid"]`` or ``"lin* sigmoid"`` -> ``["lin*", "sigmoid"]``."""
+    items = [names] if isinstance(names, str) else list(names)
+    for item in items:
+        if not isinstance(item, str):
+            raise InvalidOption(f"mechanism names must be strings; got {item!r} ({type(item).__name__})")
+    out = [part for item in items for part in re.split(r"[,\s]+", item) if part]
+    return out or ["*"]
 
 
-def _check_request(names: str, patterns, lengths, dtypes, modes) -> list[Pattern]:
+def select_mechanisms(names: str | list[str] | tuple[str, ...], *, kind: str | None = "attention") -> list[str]:
+    """The registered names matching any of the names or globs; each one must match something."""
+    chosen: list[str] = []
+    every = REGISTRY.names()
+    for glob in split_names(names):
+        found = [i.name for i in mechanisms(glob, kind=kind)]
+        if not found:
+            hint = did_you_mean(glob, every)
+            raise UnknownMechanism(f"no mechanism matches {glob!r}.{hint} Available: {', '.join(every)}")
+        chosen.extend(n for n in found if n not in chosen)
+    return chosen
+
+
+def check_request(patterns, lengths, dtypes, modes) -> list[Pattern]:
     """Validate a sweep request up front, before anything is written."""
-    if not REGISTRY.names(names):
-        raise UnknownMechanism(f"no mechanism matches {names!r}; available: {', '.join(REGISTRY.names())}")
     pats = [as_pattern(p) for p in patterns]
     for t in lengths:
-        if isinstance(t, bool) or not isinstance(t, int) or t <= 0:
-            raise InvalidOption(f"lengths must be positive integers; got {t!r}")
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 < t <= MAX_TOKENS:
+            raise InvalidOption(f"lengths must be integers from 1 to {MAX_TOKENS}; got {t!r}")
     for d in dtypes:
         if d not in DTYPES:
             raise InvalidOption(f"unknown dtype {d!r}; expected one of {', '.join(DTYPES)}")
@@ -169,7 +111,7 @@ def _check_request(names: str, patterns, lengths, dtypes, modes) -> list[Pattern
 
 def speed_cases(
     *,
-    names: str = "*",
+    names: str | list[str] = "*",
     patterns: tuple[str, ...] = tuple(p.value for p in Pattern),
     lengths: tuple[int, ...],
     dtypes: tuple[str, ...] = ("float32",),
@@ -181,14 +123,15 @@ def speed_cases(
     head_dim: int = 64,
 ) -> list[Case]:
     """Every (mechanism, fast path, supported pattern, T, dtype, mode), baselines included."""
-    pats = _check_request(names, patterns, lengths, dtypes, modes)
-    selected = [i.name for i in mechanisms(names, kind="attention")]
+    pats = check_request(patterns, (*lengths, *decode_lengths), dtypes, modes)
+    selected = select_mechanisms(names)
     wanted = sorted(set(selected) | {"softmax"})  # the baselines are always measured
     cases: list[Case] = []
     for name in wanted:
         cls = REGISTRY.get(name)
         options = BENCH_OPTIONS.get(name, {})
         mech = create(name, heads=heads, head_dim=head_dim, **options)
+        shape = dict(heads=heads, kv_heads=heads, head_dim=head_dim, options=options)
         for pattern in pats:
             if pattern not in cls.patterns:
                 continue
@@ -198,11 +141,51 @@ def speed_cases(
             for path in paths:
                 for mode in (m for m in modes if m != "decode"):
                     cases.extend(
-                        Case(
-                            "speed",
-                            name,
-                            path,
-                            pattern.value,
+                        Case("speed", name, path, pattern.value, mode, t, d, device, runs=runs, **shape)
+                        for d in dtypes
+                        for t in lengths
+                    )
+        decodes = "decode" in modes and cls.state_kind is not None and Pattern.CAUSAL_SELF in cls.patterns
+        if decodes and name in selected:
+            cases.extend(
+                Case("decode", name, "auto", "causal_self", "decode", t, d, device, runs=runs, **shape)
+                for d in dtypes
+                for t in decode_lengths
+            )
+    return cases
+
+
+def only_baselines(cases: list[Case], names) -> bool:
+    """Whether the selected mechanisms contribute no case (say, a noncausal-only one with causal patterns)."""
+    chosen = set(select_mechanisms(names))
+    return not any(c.mechanism in chosen for c in cases)
+
+
+def peer_cases(
+    *,
+    lengths: tuple[int, ...],
+    patterns: tuple[str, ...],
+    dtypes: tuple[str, ...],
+    modes: tuple[str, ...],
+    device: str,
+    runs: int,
+    heads: int = 8,
+    head_dim: int = 64,
+) -> list[Case]:
+    """One case per (available peer, pattern it supports, T, dtype, mode it can run); others are left out."""
+    pats = [p.value for p in check_request(patterns, lengths, dtypes, modes)]
+    cases = []
+    for name in available_peers():
+        spec = PEERS[name]
+        for pattern in (p for p in pats if p in spec.patterns):
+            for mode in (m for m in modes if m in ("fwd", "fwdbwd")):
+                for d in dtypes:
+                    for t in lengths:
+                        case = Case(
+                            "peer",
+                            spec.mechanism,
+                            "peer",
+                            pattern,
                             mode,
                             t,
                             d,
@@ -210,35 +193,10 @@ def speed_cases(
                             heads=heads,
                             kv_heads=heads,
                             head_dim=head_dim,
-                            options=options,
+                            options=dict(spec.options),
                             runs=runs,
+                            peer=name,
                         )
-                        for d in dtypes
-                        for t in lengths
-                    )
-        if (
-            "decode" in modes
-            and cls.state_kind is not None
-            and name in selected
-            and Pattern.CAUSAL_SELF in cls.patterns
-        ):
-            cases.extend(
-                Case(
-                    "decode",
-                    name,
-                    "auto",
-                    "causal_self",
-                    "decode",
-                    t,
-                    d,
-                    device,
-                    heads=heads,
-                    kv_heads=heads,
-                    head_dim=head_dim,
-                    options=options,
-                    runs=max(runs, 10),
-                )
-                for d in dtypes
-                for t in decode_lengths
-            )
+                        if why_not(case) is None:
+                            cases.append(case)
     return cases

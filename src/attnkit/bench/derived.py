@@ -1,6 +1,8 @@
 """Figures derived from stored rows (pure functions: rows in, numbers out; nothing is re-measured).
 
-- speed-up and memory ratio against SDPA softmax at each T;
+- speed-up against SDPA softmax at each T: the paired ratio each row measured against SDPA in its
+  own worker (rows of stores older than pairing: the ratio of the two curves' medians), and the
+  memory ratio;
 - the log-log scaling exponent of a curve;
 - CAB's efficiency length (Comprehensive Attention Benchmarking, ICML 2023, ``scripts/efficiency_length``):
   fit the baseline's cost with a quadratic in N and the mechanism's with a line (for time, without
@@ -12,7 +14,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -79,6 +81,9 @@ class Curve:
     setting: str = ""  # threads and shape, e.g. "2 threads, B=1 H=8/8 D=64"
     options: str = ""  # the mechanism's options, "window=256" ("" for none)
     show_options: bool = False  # in the label: the store has this mechanism/path with other options too
+    speedup: list[float | None] = field(default_factory=list)  # paired with SDPA in the same worker
+    baseline_ms: list[float | None] = field(default_factory=list)  # that SDPA's median
+    doubtful: list[str | None] = field(default_factory=list)  # why a point is not to be trusted (None: it is)
 
     @property
     def label(self) -> str:
@@ -95,8 +100,9 @@ class Curve:
         """What a baseline must share to compare with this curve."""
         return (self.pattern, self.mode, self.dtype, self.device, self.setting)
 
-    def at(self, t: int, field: str) -> float | None:
-        return getattr(self, field)[self.lengths.index(t)] if t in self.lengths else None
+    def at(self, t: int, name: str) -> float | None:
+        values = getattr(self, name)
+        return values[self.lengths.index(t)] if t in self.lengths and values else None
 
 
 def run_setting(row: dict[str, Any]) -> str:
@@ -134,6 +140,9 @@ def curves(rows: list[dict[str, Any]], kinds: tuple[str, ...] = ("speed", "peer"
                 [r["gflops"] for r in rs],
                 setting,
                 options,
+                speedup=[r.get("speedup") for r in rs],
+                baseline_ms=[r.get("baseline_ms") for r in rs],
+                doubtful=[r.get("doubtful") for r in rs],
             )
         )
     variants = Counter((c.mechanism, c.path, c.peer, c.where) for c in out)
@@ -161,11 +170,21 @@ class Summary:
     efficiency_memory: float | None
 
 
+def paired_speedup(curve: Curve, base: Curve | None, t: int) -> float | None:
+    """SDPA time / this curve's time at T: the row's own paired ratio, else the ratio of the two medians."""
+    paired = curve.at(t, "speedup")
+    if paired:
+        return paired
+    ms, base_ms = curve.at(t, "ms"), base.at(t, "ms") if base else None
+    return base_ms / ms if ms and base_ms else None
+
+
 def summarise(curve: Curve, base: Curve) -> Summary:
     common = [t for t in curve.lengths if t in base.lengths]
-    speedup = {t: base.at(t, "ms") / curve.at(t, "ms") for t in common if curve.at(t, "ms")}
+    speedup = {t: s for t in curve.lengths if (s := paired_speedup(curve, base, t))}
     memory = {t: curve.at(t, "peak") / base.at(t, "peak") for t in common if base.at(t, "peak")}
-    ms_pairs = [(t, base.at(t, "ms"), curve.at(t, "ms")) for t in common]
+    # the baseline's time as timed beside the mechanism where it was (paired), else from its own curve
+    ms_pairs = [(t, curve.at(t, "baseline_ms") or base.at(t, "ms"), curve.at(t, "ms")) for t in common]
     mem_pairs = [(t, base.at(t, "peak"), curve.at(t, "peak")) for t in common]
 
     def length(pairs, drop_first):

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .timing import time_fn
+from .timing import time_call
 
 
 def git_revision() -> str:
@@ -69,7 +69,7 @@ def matmul_peak_gflops(device: str, dtype: torch.dtype, *, size: int | None = No
     n = size or (8192 if device.startswith("cuda") else 2048)
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    t = time_fn(lambda: a @ b, warmup=1, runs=5, device=device)
+    t = time_call(lambda: a @ b, threads=torch.get_num_threads(), budget_s=1.0)
     return 2 * n**3 / (t.min_ms * 1e-3) / 1e9
 
 

@@ -10,27 +10,29 @@ from __future__ import annotations
 
 import itertools
 import json
-import time
 from dataclasses import asdict, dataclass
+from typing import Any, ClassVar
 
 import torch
 
 from ..api import attend, create
 from ..mechanism import REGISTRY
 from ..patterns import Pattern
-from .cases import _check_request
-from .env import command_line, environment, new_run_id
-from .progress import Progress
-from .runner import Summary
-from .store import Store
-from .worker import SEED
+from .case import SEED, BenchCase, Budget
+from .cases import check_request, select_mechanisms
 
 TEMPERATURES = (0.5, 1.0, 2.0)
 INPUTS = ("random", "clustered")
 
 
 @dataclass(frozen=True)
-class FidelityCase:
+class FidelityCase(BenchCase):
+    """Error of one mechanism against exact softmax: computed in the sweep's process (nothing is timed)."""
+
+    isolated: ClassVar[bool] = False
+    timed: ClassVar[bool] = False
+    kind: ClassVar[str] = "fidelity"
+
     mechanism: str
     pattern: str
     tokens: int
@@ -40,8 +42,34 @@ class FidelityCase:
     heads: int = 4
     head_dim: int = 64
 
-    def key(self, device_name: str) -> str:
+    def key(self, device_name: str, threads: int = 0) -> str:
+        # threads change no error: a figure from any thread count counts
         return json.dumps({"kind": "fidelity", **asdict(self), "device_name": device_name}, sort_keys=True)
+
+    @property
+    def series(self) -> tuple:
+        return ("fidelity", self.mechanism, self.pattern, self.temperature, self.inputs, self.options)
+
+    def row(self) -> dict[str, Any]:
+        return {
+            "kind": "fidelity",
+            "mechanism": self.mechanism,
+            "pattern": self.pattern,
+            "mode": "fidelity",
+            "tokens": self.tokens,
+            "tq": self.tokens,
+            "tk": self.tokens,
+            "batch": 1,
+            "heads": self.heads,
+            "kv_heads": self.heads,
+            "head_dim": self.head_dim,
+            "dtype": "float32",
+            "options": dict(self.options),
+            "extra": {"temperature": self.temperature, "inputs": self.inputs},
+        }
+
+    def measure(self, threads: int, budget: Budget) -> dict[str, Any]:
+        return {"status": "ok", "error": measure_fidelity(self)}
 
     def label(self) -> str:
         opts = ",".join(f"{k}={v}" for k, v in self.options)
@@ -66,12 +94,13 @@ def fidelity_inputs(case: FidelityCase, seed: int = SEED) -> tuple[torch.Tensor,
     return q * case.temperature, k, v
 
 
-def fidelity_cases(names: str = "*", lengths: tuple[int, ...] = (256, 1024, 4096)) -> list[FidelityCase]:
-    _check_request(names, (), lengths, (), ())
+def fidelity_cases(names: str | list[str] = "*", lengths: tuple[int, ...] = (256, 1024, 4096)) -> list[FidelityCase]:
+    """Every mechanism but softmax, each value of its knob, T, temperature and input kind, self patterns."""
+    check_request((), lengths, (), ())
     cases = []
-    for name in REGISTRY.names(names):
+    for name in select_mechanisms(names):
         cls = REGISTRY.get(name)
-        if name == "softmax" or cls.kind != "attention":
+        if name == "softmax":
             continue
         knob, values = cls.fidelity_knob or (None, (None,))
         for pattern in (Pattern.NONCAUSAL_SELF, Pattern.CAUSAL_SELF):
@@ -91,50 +120,3 @@ def measure_fidelity(case: FidelityCase) -> float:
         mech = create(case.mechanism, heads=case.heads, head_dim=case.head_dim, **options)
         approx = mech(q, k, v, pattern=case.pattern)
     return ((approx - exact).norm() / exact.norm()).item()
-
-
-def run_fidelity(
-    store: Store, cases: list[FidelityCase], *, force: bool = False, show_progress: bool = True
-) -> Summary:
-    threads = torch.get_num_threads()
-    env = environment("cpu", threads, SEED)
-    todo = [c for c in cases if force or not store.done(c.key(env["device"]))]
-    summary = Summary(already_done=len(cases) - len(todo))
-    if not todo:
-        return summary
-    run = store.start_run(new_run_id(), env, command_line())
-    summary.run_id = run.run_id
-    progress = Progress(len(todo), enabled=show_progress)
-    try:
-        for case in todo:
-            progress.start(case.label())
-            started = time.perf_counter()
-            row = {
-                "kind": "fidelity",
-                "case_key": case.key(env["device"]),
-                "mechanism": case.mechanism,
-                "pattern": case.pattern,
-                "mode": "fidelity",
-                "tokens": case.tokens,
-                "tq": case.tokens,
-                "tk": case.tokens,
-                "batch": 1,
-                "heads": case.heads,
-                "kv_heads": case.heads,
-                "head_dim": case.head_dim,
-                "dtype": "float32",
-                "options": dict(case.options),
-                "extra": {"temperature": case.temperature, "inputs": case.inputs},
-            }
-            try:
-                err = measure_fidelity(case)
-                store.add(run, {**row, "status": "ok", "error": err})
-                summary.count(case.label(), "ok")
-            except Exception as exc:  # noqa: BLE001 - one failing case is recorded, the sweep goes on
-                reason = f"{type(exc).__name__}: {exc}"[:400]
-                store.add(run, {**row, "status": "error", "reason": reason})
-                summary.count(case.label(), "error", reason)
-            progress.finish_case(time.perf_counter() - started)
-    except KeyboardInterrupt:
-        return summary.close(store, run, progress, interrupted=True)
-    return summary.close(store, run, progress)

@@ -38,7 +38,8 @@ import torch
 
 from ..api import create
 from ..patterns import as_pattern, causal, window
-from .cases import BENCH_OPTIONS, Case
+from .case import BENCH_OPTIONS
+from .case import BenchCase as Case  # a speed.Case: its fields (peer, options, tq...) are read here
 
 log = logging.getLogger(__name__)
 

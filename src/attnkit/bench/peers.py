@@ -13,14 +13,12 @@ from collections.abc import Callable
 import torch
 
 from ..errors import InvalidOption
-from ..patterns import as_pattern
-from .cases import DTYPES, Case
-from .peer_adapters import PEERS, PeerSpec
-from .worker import BACKWARD_FLOP_FACTOR
+from .case import BACKWARD_FLOP_FACTOR
+from .peer_adapters import PEERS, Case, PeerSpec
 
 log = logging.getLogger(__name__)
 
-__all__ = ["PEERS", "available_peers", "peer_call", "peer_cases"]
+__all__ = ["PEERS", "available_peers", "modes_of", "peer_call", "why_not"]
 
 
 def available_peers() -> list[str]:
@@ -39,71 +37,27 @@ def available_peers() -> list[str]:
     return names
 
 
-def _modes(spec: PeerSpec, device: str) -> tuple[str, ...]:
+def modes_of(spec: PeerSpec, device: str) -> tuple[str, ...]:
     return ("fwd",) if spec.cpu_fwd_only and not device.startswith("cuda") else ("fwd", "fwdbwd")
 
 
-def _why_not(case: Case) -> str | None:
+def why_not(case: Case) -> str | None:
     """Why the adapter cannot run this case, or None."""
     spec = PEERS.get(case.peer or "")
     if spec is None:
         return f"unknown peer {case.peer!r}; expected one of {', '.join(PEERS)}"
     if case.pattern not in spec.patterns:
         return f"peer {case.peer} does {', '.join(sorted(spec.patterns))}, not {case.pattern}"
-    if case.mode not in _modes(spec, case.device):
-        return f"peer {case.peer} runs only {'/'.join(_modes(spec, case.device))} on {case.device}, not {case.mode}"
+    if case.mode not in modes_of(spec, case.device):
+        return f"peer {case.peer} runs only {'/'.join(modes_of(spec, case.device))} on {case.device}, not {case.mode}"
     if case.kv_heads != case.heads:
         return f"peer {case.peer} needs kv_heads == heads (got {case.kv_heads} and {case.heads})"
     return spec.check(case)
 
 
-def peer_cases(
-    *,
-    lengths: tuple[int, ...],
-    patterns: tuple[str, ...],
-    dtypes: tuple[str, ...],
-    modes: tuple[str, ...],
-    device: str,
-    runs: int,
-    heads: int = 8,
-    head_dim: int = 64,
-) -> list[Case]:
-    """One case per (available peer, pattern it supports, T, dtype, mode it can run); others are left out."""
-    pats = [as_pattern(p).value for p in patterns]
-    for d in dtypes:
-        if d not in DTYPES:
-            raise InvalidOption(f"unknown dtype {d!r}; expected one of {', '.join(DTYPES)}")
-    cases = []
-    for name in available_peers():
-        spec = PEERS[name]
-        for pattern in (p for p in pats if p in spec.patterns):
-            for mode in (m for m in modes if m in ("fwd", "fwdbwd")):
-                for d in dtypes:
-                    for t in lengths:
-                        case = Case(
-                            "peer",
-                            spec.mechanism,
-                            "peer",
-                            pattern,
-                            mode,
-                            t,
-                            d,
-                            device,
-                            heads=heads,
-                            kv_heads=heads,
-                            head_dim=head_dim,
-                            options=dict(spec.options),
-                            runs=runs,
-                            peer=name,
-                        )
-                        if _why_not(case) is None:
-                            cases.append(case)
-    return cases
-
-
 def peer_call(case: Case, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[Callable[[], object], float]:
     """The timed closure (forward, plus backward for ``fwdbwd``) and its FLOPs, for ``q [B,Tq,H,D]``."""
-    reason = _why_not(case)
+    reason = why_not(case)
     if reason:
         raise InvalidOption(reason)
     want = (case.batch, case.tq, case.heads, case.head_dim)

@@ -6,14 +6,21 @@
 - Every result is one row inserted in its own transaction, so a killed run loses at most the case in
   flight, and two runs can write at once (WAL + a busy timeout serialise their short writes).
 - A row's ``case_key`` identifies what was measured (and where); ``done`` lets a sweep skip it.
+- A store of an older schema is upgraded in place (new columns are added, old rows keep NULL there);
+  opened read-only it is read as it is.
+- A run records its process id: a run left "running" by a process that no longer exists (killed with
+  ``kill -9``, a power cut) is marked interrupted by the next sweep.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
+import socket
 import sqlite3
 import time
+import urllib.parse
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +28,7 @@ from typing import Any
 
 from ..errors import AttnkitError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: paired timing (iqr, baseline, speed-up), machine load and doubts; run pids
 APPLICATION_ID = 0x41544B31  # "ATK1"
 DEFAULT_DB = "attnkit-results.sqlite"
 BUSY_TIMEOUT_MS = 60_000
@@ -55,8 +62,12 @@ RESULT_COLUMNS: dict[str, str] = {
     "reason": "TEXT",
     "median_ms": "REAL",
     "min_ms": "REAL",
-    "max_ms": "REAL",
-    "runs": "INTEGER",
+    "iqr_ms": "REAL",  # interquartile range of the per-call latency
+    "runs": "INTEGER",  # calls timed
+    "rounds": "INTEGER",  # timed blocks (samples)
+    "baseline_ms": "REAL",  # SDPA softmax (decode: softmax with a KV cache), timed interleaved in the same worker
+    "speedup": "REAL",  # paired: median over rounds of baseline time / this case's time (> 1: faster)
+    "speedup_spread": "REAL",  # relative IQR of those per-round ratios
     "peak_bytes": "INTEGER",
     "flops": "REAL",
     "gflops": "REAL",
@@ -64,6 +75,10 @@ RESULT_COLUMNS: dict[str, str] = {
     "state_bytes": "INTEGER",
     "error": "REAL",  # fidelity: relative error against exact softmax
     "extra": "TEXT",  # JSON: anything kind-specific (temperature, input kind, peer package...)
+    "calib_gflops": "REAL",  # a quick matmul just before the case: the machine's speed right then
+    "others_cores": "REAL",  # CPU other processes used during the case, in cores
+    "steal": "REAL",  # share of CPU time the hypervisor stole during the case
+    "doubtful": "TEXT",  # why this figure is not to be trusted (busy machine, wide spread), or NULL
     "git_rev": "TEXT",
     "torch_version": "TEXT",
     "device": "TEXT",
@@ -85,6 +100,7 @@ RUN_COLUMNS: dict[str, str] = {
     "hostname": "TEXT",
     "matmul_gflops": "REAL",  # this machine's measured matmul peak for the run's dtype
     "matmul_dtype": "TEXT",
+    "pid": "INTEGER",  # the sweep's process, on ``hostname``: gone while "running" means it was killed
 }
 
 
@@ -92,6 +108,13 @@ RUN_COLUMNS: dict[str, str] = {
 class Run:
     run_id: str
     env: dict[str, Any]  # git_rev, torch_version, device, threads, seed (copied onto every row)
+
+
+def _uri(path: Path, mode: str | None = None) -> str:
+    """An SQLite URI for ``path`` with every special character quoted (``#``, ``?``, ``%``, spaces):
+    pasted raw, ``data.db#x`` would open ``data.db``."""
+    uri = "file:" + urllib.parse.quote(str(path.absolute()), safe="/")
+    return uri + (f"?mode={mode}" if mode else "")
 
 
 def _check_file(path: Path) -> None:
@@ -106,7 +129,10 @@ def _check_file(path: Path) -> None:
         raise StoreError(f"{path} is not an attnkit results database (not an SQLite file); choose another --db")
     if not head:
         return
-    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        con = sqlite3.connect(_uri(path, "ro"), uri=True)
+    except sqlite3.Error as err:
+        raise StoreError(f"cannot open {path} ({err})") from None
     try:
         app = con.execute("PRAGMA application_id").fetchone()[0]
         version = con.execute("PRAGMA user_version").fetchone()[0]
@@ -132,7 +158,7 @@ class Store:
             raise StoreError(f"no results database at {self.path}; run 'attnkit bench speed' first or pass --db")
         if readonly and self.path.stat().st_size == 0:
             raise StoreError(f"{self.path} is empty, not a results database; run 'attnkit bench speed' into it first")
-        uri = f"file:{self.path}?mode=ro" if readonly else f"file:{self.path}"
+        uri = _uri(self.path, "ro" if readonly else None)
         try:
             # isolation_level=None: autocommit; every write below is its own short transaction
             self.con = sqlite3.connect(uri, uri=True, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
@@ -144,17 +170,50 @@ class Store:
             self._init_schema()
 
     def _init_schema(self) -> None:
-        self.con.execute("PRAGMA journal_mode = WAL")  # persistent in the file; a no-op when already set
-        with self._write():
-            if self.con.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID:
-                return
-            runs = ", ".join(f"{c} {t}" for c, t in RUN_COLUMNS.items())
-            results = ", ".join(f"{c} {t}" for c, t in RESULT_COLUMNS.items())
-            self.con.execute(f"CREATE TABLE IF NOT EXISTS runs ({runs})")
-            self.con.execute(f"CREATE TABLE IF NOT EXISTS results (id INTEGER PRIMARY KEY AUTOINCREMENT, {results})")
-            self.con.execute("CREATE INDEX IF NOT EXISTS results_case ON results (case_key, status)")
-            self.con.execute(f"PRAGMA application_id = {APPLICATION_ID}")
-            self.con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+        with self._sqlite_errors("prepare"):
+            self.con.execute("PRAGMA journal_mode = WAL")  # persistent in the file; a no-op when already set
+            with self._write():
+                if self.con.execute("PRAGMA application_id").fetchone()[0] == APPLICATION_ID:
+                    self._upgrade()
+                    return
+                self._create()
+
+    def _create(self) -> None:
+        runs = ", ".join(f"{c} {t}" for c, t in RUN_COLUMNS.items())
+        results = ", ".join(f"{c} {t}" for c, t in RESULT_COLUMNS.items())
+        self.con.execute(f"CREATE TABLE IF NOT EXISTS runs ({runs})")
+        self.con.execute(f"CREATE TABLE IF NOT EXISTS results (id INTEGER PRIMARY KEY AUTOINCREMENT, {results})")
+        self.con.execute("CREATE INDEX IF NOT EXISTS results_case ON results (case_key, status)")
+        self.con.execute(f"PRAGMA application_id = {APPLICATION_ID}")
+        self.con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    def _upgrade(self) -> None:
+        """Add the columns a store of an older schema lacks (its old rows read NULL there)."""
+        if self.con.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
+            return
+        for table, columns in (("runs", RUN_COLUMNS), ("results", RESULT_COLUMNS)):
+            have = {r[1] for r in self.con.execute(f"PRAGMA table_info({table})")}
+            for name, kind in columns.items():
+                if name not in have:
+                    self.con.execute(f"ALTER TABLE {table} ADD COLUMN {name} {kind.replace(' NOT NULL', '')}")
+        self.con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+
+    @contextlib.contextmanager
+    def _sqlite_errors(self, doing: str) -> Iterator[None]:
+        """SQLite's failures (a read-only file, damaged pages, a full disk) as a StoreError that says what to do."""
+        try:
+            yield
+        except sqlite3.DatabaseError as err:
+            text = str(err)
+            if "readonly" in text or "read-only" in text:
+                hint = "the file (or its folder) is read-only: make it writable or choose another --db"
+            elif "malformed" in text or "not a database" in text or "corrupt" in text:
+                hint = "the file is damaged: restore it from a copy, or start a new store with another --db"
+            elif "locked" in text or "busy" in text:
+                hint = "another process holds it locked for too long; try again"
+            else:
+                hint = "choose another --db"
+            raise StoreError(f"cannot {doing} results database {self.path}: {text}; {hint}") from None
 
     @contextlib.contextmanager
     def _write(self) -> Iterator[None]:
@@ -180,9 +239,10 @@ class Store:
     # ---- runs -------------------------------------------------------------------------------------
 
     def start_run(self, run_id: str, env: dict[str, Any], command: str, **extra: Any) -> Run:
-        row = {"run_id": run_id, "started_at": time.time(), "status": "running", "command": command, **env, **extra}
+        row = {"run_id": run_id, "started_at": time.time(), "status": "running", "command": command, **env,
+               "hostname": socket.gethostname(), "pid": os.getpid(), **extra}  # fmt: skip
         row = {k: v for k, v in row.items() if k in RUN_COLUMNS}
-        with self._write():
+        with self._sqlite_errors("write to"), self._write():
             self.con.execute(
                 f"INSERT INTO runs ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})", list(row.values())
             )
@@ -190,13 +250,26 @@ class Store:
         return Run(run_id, {k: env.get(k) for k in keep})
 
     def finish_run(self, run: Run, status: str = "finished") -> None:
-        with self._write():
+        with self._sqlite_errors("write to"), self._write():
             self.con.execute(
                 "UPDATE runs SET status = ?, finished_at = ? WHERE run_id = ?", (status, time.time(), run.run_id)
             )
 
     def runs(self) -> list[dict[str, Any]]:
-        return [dict(r) for r in self.con.execute("SELECT * FROM runs ORDER BY started_at")]
+        with self._sqlite_errors("read"):
+            return [
+                dict.fromkeys(RUN_COLUMNS) | dict(r) for r in self.con.execute("SELECT * FROM runs ORDER BY started_at")
+            ]
+
+    def mark_abandoned_runs(self) -> list[str]:
+        """Mark interrupted every run still "running" whose process on this host is gone; their ids."""
+        host = socket.gethostname()
+        with self._sqlite_errors("read"):
+            running = self.con.execute("SELECT run_id, hostname, pid FROM runs WHERE status = 'running'").fetchall()
+        gone = [r["run_id"] for r in running if r["hostname"] == host and r["pid"] and not _alive(r["pid"])]
+        for run_id in gone:
+            self.finish_run(Run(run_id, {}), "interrupted")
+        return gone
 
     # ---- results ----------------------------------------------------------------------------------
 
@@ -209,7 +282,7 @@ class Store:
         unknown = set(full) - set(RESULT_COLUMNS)
         if unknown:
             raise StoreError(f"unknown result fields {sorted(unknown)}")
-        with self._write():
+        with self._sqlite_errors("write to"), self._write():
             self.con.execute(
                 f"INSERT INTO results ({', '.join(full)}) VALUES ({', '.join('?' * len(full))})", list(full.values())
             )
@@ -217,7 +290,8 @@ class Store:
     def done(self, case_key: str) -> bool:
         """Whether a case already has a final result (measured, or skipped for a recorded reason)."""
         q = "SELECT 1 FROM results WHERE case_key = ? AND status IN ('ok', 'skipped') LIMIT 1"
-        return self.con.execute(q, (case_key,)).fetchone() is not None
+        with self._sqlite_errors("read"):
+            return self.con.execute(q, (case_key,)).fetchone() is not None
 
     def results(self, kind: str | None = None, *, latest: bool = True) -> list[dict[str, Any]]:
         """Result rows as dicts (JSON columns decoded); ``latest`` keeps the newest row per case."""
@@ -230,9 +304,21 @@ class Store:
         else:
             sql = f"SELECT * FROM results {where} ORDER BY id"
         rows = []
-        for r in self.con.execute(sql, args):
-            d = dict(r)
-            for key in ("options", "extra"):
-                d[key] = json.loads(d[key]) if d.get(key) else {}
-            rows.append(d)
+        with self._sqlite_errors("read"):
+            for r in self.con.execute(sql, args):
+                d = dict.fromkeys(RESULT_COLUMNS) | dict(r)  # an older store's missing columns read None
+                for key in ("options", "extra"):
+                    d[key] = json.loads(d[key]) if d.get(key) else {}
+                rows.append(d)
         return rows
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True

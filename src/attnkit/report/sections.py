@@ -12,17 +12,26 @@ from typing import Any
 from ..api import info
 from ..bench.derived import NAIVE, SDPA, Curve, baseline_of, curves, run_setting, summarise
 from ..errors import AttnkitError
-from .svg import Chart, Series, render
+from .charts import MAX_LINES, Chart, Series, render
 
 MIB = 2**20
 
 
+class Html(str):
+    """A table cell that is already HTML (everything else is escaped)."""
+
+
+def cell(value: Any) -> str:
+    return value if isinstance(value, Html) else escape("" if value is None else str(value))
+
+
 def table(headers: list[str], rows: list[list[Any]], cls: str = "") -> str:
+    """An HTML table; every cell is escaped unless it is ``Html`` (store fields can hold anything)."""
     if not rows:
         return '<p class="empty">nothing to show.</p>'
     head = "".join(f"<th>{escape(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
-    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+    body = "".join("<tr>" + "".join(f"<td>{cell(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f'<table class="{escape(cls)}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
 def _num(v: float | None, fmt: str = "{:.3g}") -> str:
@@ -33,23 +42,30 @@ def _num(v: float | None, fmt: str = "{:.3g}") -> str:
     return fmt.format(v)
 
 
+def doubt_mark(reason: str | None) -> Html:
+    """A ``?`` whose tooltip says why the figure beside it is doubtful ('' when it is not)."""
+    return Html(f'<span class="doubt" title="{escape(reason)}">?</span>' if reason else "")
+
+
 def _series_of(cs: list[Curve], field: str, scale: float = 1.0) -> list[Series]:
     out = []
     for c in cs:
         pts = [(t, v / scale) for t, v in zip(c.lengths, getattr(c, field), strict=True) if v is not None]
-        out.append(Series(c.label, pts, dashed=(c.mechanism, c.path) in (SDPA, NAIVE)))
+        doubtful = {t for t, d in zip(c.lengths, c.doubtful, strict=False) if d}
+        out.append(Series(c.label, pts, dashed=(c.mechanism, c.path) in (SDPA, NAIVE), doubtful=doubtful))
     return out
 
 
-# Curves are drawn in groups of related mechanisms (each chart also gets the softmax baselines), so
-# that a catalogue of dozens of mechanisms stays readable.
+# Curves are drawn in groups of related mechanisms (each chart also gets the softmax baselines), at
+# most MAX_LINES - 2 mechanisms a chart, so that a catalogue of dozens of mechanisms stays readable.
 FAMILY_GROUPS = {
-    "kernel": "kernel (linear) attention",
+    "kernel": "kernel (linear)",
     "decay": "decay and recurrent",
     "recurrent softmax": "decay and recurrent",
     "hybrid": "decay and recurrent",
 }
-OTHER_GROUP = "softmax variants, sparse and routed"
+OTHER_GROUP = "softmax variants, sparse"
+PER_CHART = MAX_LINES - 2
 
 
 def _group_of(curve: Curve) -> str:
@@ -61,7 +77,8 @@ def _group_of(curve: Curve) -> str:
 
 
 def _by_setting(all_curves: list[Curve], mode: str | None = None) -> dict[tuple, list[Curve]]:
-    """(pattern, mode, dtype, device, setting, group) -> its curves, the SDPA and naive baselines in every group."""
+    """(pattern, mode, dtype, device, setting, group) -> its curves (at most PER_CHART, the fastest at the
+    longest T first), the SDPA and naive baselines in every group."""
     settings: dict[tuple, list[Curve]] = defaultdict(list)
     for c in all_curves:
         if mode is None or c.mode == mode:
@@ -71,49 +88,62 @@ def _by_setting(all_curves: list[Curve], mode: str | None = None) -> dict[tuple,
         baselines = [c for c in cs if not c.peer and (c.mechanism, c.path) in (SDPA, NAIVE)]
         names = sorted({_group_of(c) for c in cs if c not in baselines}) or [OTHER_GROUP]
         for name in names:
-            groups[(*key, name)] = [c for c in cs if c not in baselines and _group_of(c) == name] + baselines
+            members = sorted((c for c in cs if c not in baselines and _group_of(c) == name), key=_last_ms)
+            parts = [members[i : i + PER_CHART] for i in range(0, len(members), PER_CHART)] or [[]]
+            for n, part in enumerate(parts):
+                label = name if len(parts) == 1 else f"{name} ({n + 1}/{len(parts)})"
+                groups[(*key, label)] = part + baselines
     return dict(sorted(groups.items()))
 
 
-def _setting_title(key: tuple) -> str:
-    pattern, mode, dtype, _device, setting, group = key
-    return f"{group}: {pattern}, {'forward' if mode == 'fwd' else 'forward + backward'}, {dtype} ({setting})"
+def _last_ms(c: Curve) -> float:
+    """Latency at the curve's longest T (for ordering: fastest first)."""
+    return next((ms for ms in reversed(c.ms) if ms), math.inf)
+
+
+def _short_title(what: str, key: tuple) -> str:
+    pattern, mode, _dtype, _device, _setting, group = key
+    return f"{what}: {group}, {pattern} {mode}"
+
+
+def _caption(key: tuple) -> str:
+    pattern, mode, dtype, device, setting, _group = key
+    return f"{pattern}, {'forward' if mode == 'fwd' else 'forward + backward'}, {dtype}, {device}, {setting}"
 
 
 def machine(runs: list[dict[str, Any]], db: str) -> str:
     rows = []
     for r in runs:
-        started = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["started_at"]))
+        started = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["started_at"])) if r.get("started_at") else "?"
         peak = f"{r['matmul_gflops']:.0f} ({r['matmul_dtype']})" if r.get("matmul_gflops") else "—"
-        rows.append(
-            [
-                escape(r["run_id"]),
-                started,
-                escape(r["status"]),
-                escape(r.get("device") or "?"),
-                escape(r.get("torch_version") or "?"),
-                escape(r.get("python") or "?"),
-                r.get("threads") or "?",
-                escape(r.get("git_rev") or "?"),
-                peak,
-                escape(r.get("command") or ""),
-            ]
-        )
+        rows.append([r["run_id"], started, r["status"], r.get("device") or "?", r.get("torch_version") or "?",
+                     r.get("python") or "?", r.get("threads") or "?", r.get("git_rev") or "?", peak,
+                     r.get("command") or ""])  # fmt: skip
     return f"<p>Store: <code>{escape(db)}</code>. Every figure below is read from it.</p>" + table(
         ["run", "started", "status", "device", "torch", "python", "threads", "git", "matmul GFLOP/s", "command"], rows
     )
 
 
+NO_SPEED = '<p class="empty">No speed results in this store: run <code>attnkit bench speed</code>.</p>'
+DOUBT_NOTE = (
+    '<p class="note">Hollow markers and <span class="doubt">?</span> mark doubtful figures: measured while other'
+    " processes used the cores, while the machine ran slower, or with a wide spread (hover for the reason).</p>"
+)
+
+
 def scaling(rows: list[dict[str, Any]]) -> str:
     cs = curves(rows)
     if not cs:
-        return '<p class="empty">No speed results in this store: run <code>attnkit bench speed</code>.</p>'
-    parts = []
-    for key, group in _by_setting(cs).items():
-        parts.append(
-            render(Chart(f"Latency: {_setting_title(key)}", "T (keys)", "ms (median)", _series_of(group, "ms")))
-        )
-    return "\n".join(parts)
+        return NO_SPEED
+    charts = [
+        render(
+            Chart(
+                _short_title("Latency", key), "T (keys)", "ms (median)", _series_of(group, "ms"), caption=_caption(key)
+            )
+        )  # fmt: skip
+        for key, group in _by_setting(cs).items()
+    ]
+    return DOUBT_NOTE + "\n".join(charts)
 
 
 def speedup(rows: list[dict[str, Any]]) -> str:
@@ -126,20 +156,17 @@ def speedup(rows: list[dict[str, Any]]) -> str:
             if base is None or (c.mechanism, c.path) == SDPA:
                 continue
             s = summarise(c, base)
-            series.append(Series(c.label, sorted(s.speedup.items()), dashed=(c.mechanism, c.path) == NAIVE))
+            doubtful = {t for t, d in zip(c.lengths, c.doubtful, strict=False) if d}
+            series.append(Series(c.label, sorted(s.speedup.items()), dashed=(c.mechanism, c.path) == NAIVE,
+                                 doubtful=doubtful))  # fmt: skip
         if series:
-            parts.append(
-                render(
-                    Chart(
-                        f"Speed-up vs SDPA: {_setting_title(key)}",
-                        "T (keys)",
-                        "SDPA ms / mechanism ms",
-                        series,
-                        reference_y=1.0,
-                    )
-                )
-            )
-    return "\n".join(parts) or '<p class="empty">No speed results with an SDPA baseline.</p>'
+            parts.append(render(Chart(_short_title("Speed-up vs SDPA", key), "T (keys)", "SDPA time / mechanism time",
+                                      series, reference_y=1.0, caption=_caption(key))))  # fmt: skip
+    if not parts:
+        return '<p class="empty">No speed results with an SDPA baseline.</p>'
+    note = ("<p>Each speed-up is paired: SDPA was timed in the same process, interleaved with the mechanism, and"
+            " the figure is the median of the per-round ratios (&gt; 1: faster than SDPA).</p>")  # fmt: skip
+    return note + "\n".join(parts)
 
 
 def efficiency(rows: list[dict[str, Any]]) -> str:
@@ -154,47 +181,25 @@ def efficiency(rows: list[dict[str, Any]]) -> str:
         s = summarise(c, base)
         sn = summarise(c, naive) if naive is not None and (c.mechanism, c.path) != NAIVE else None
         t_max = max(s.speedup) if s.speedup else None
-        out.append(
-            [
-                escape(c.label),
-                c.pattern,
-                c.mode,
-                c.dtype,
-                c.device,
-                _num(s.speedup.get(t_max), "{:.2f}×") + (f" @ {t_max}" if t_max else ""),
-                _num(s.memory_ratio.get(t_max), "{:.2f}×"),
-                _num(s.exponent, "{:.2f}"),
-                _num(s.efficiency_time, "{:,.0f}"),
-                _num(s.efficiency_memory, "{:,.0f}"),
-                _num(sn.efficiency_time if sn else None, "{:,.0f}"),
-                _num(sn.efficiency_memory if sn else None, "{:,.0f}"),
-                _num(max((g for g in c.gflops if g), default=None), "{:.1f}"),
-            ]
-        )
+        speed = _num(s.speedup.get(t_max), "{:.2f}×") + (f" @ {t_max}" if t_max else "")
+        out.append([
+            c.label, c.pattern, c.mode, c.dtype, c.device,
+            Html(escape(speed) + doubt_mark(c.at(t_max, "doubtful") if t_max else None)),
+            _num(s.memory_ratio.get(t_max), "{:.2f}×"), _num(s.exponent, "{:.2f}"),
+            _num(s.efficiency_time, "{:,.0f}"), _num(s.efficiency_memory, "{:,.0f}"),
+            _num(sn.efficiency_time if sn else None, "{:,.0f}"), _num(sn.efficiency_memory if sn else None, "{:,.0f}"),
+            _num(max((g for g in c.gflops if g), default=None), "{:.1f}"),
+        ])  # fmt: skip
     note = (
         "<p>Efficiency length (CAB): the sequence length from which the mechanism is cheaper than the"
         " baseline, from a quadratic fit of the baseline and a linear fit of the mechanism (time: without"
-        " the smallest T). 0 = cheaper at every measured length; never = no crossing. The exponent is the"
-        " log-log slope of the mechanism's latency.</p>"
+        " the smallest T; the baseline's times are those paired with the mechanism). 0 = cheaper at every"
+        " measured length; never = no crossing. The exponent is the log-log slope of the mechanism's latency.</p>"
     )
-    return note + table(
-        [
-            "mechanism",
-            "pattern",
-            "mode",
-            "dtype",
-            "device",
-            "speed-up vs SDPA",
-            "memory vs SDPA",
-            "exponent",
-            "eff. length time (SDPA)",
-            "eff. length memory (SDPA)",
-            "eff. length time (naive)",
-            "eff. length memory (naive)",
-            "best GFLOP/s",
-        ],
-        out,
-    )
+    headers = ["mechanism", "pattern", "mode", "dtype", "device", "speed-up vs SDPA", "memory vs SDPA", "exponent",
+               "eff. length time (SDPA)", "eff. length memory (SDPA)", "eff. length time (naive)",
+               "eff. length memory (naive)", "best GFLOP/s"]  # fmt: skip
+    return note + table(headers, out)
 
 
 def memory(rows: list[dict[str, Any]]) -> str:
@@ -202,15 +207,24 @@ def memory(rows: list[dict[str, Any]]) -> str:
     parts = [
         render(
             Chart(
-                f"Peak memory: {_setting_title(key)}",
+                _short_title("Peak memory", key),
                 "T (keys)",
                 "MiB above the inputs",
                 _series_of(group, "peak", MIB),
+                caption=_caption(key),
             )
-        )
+        )  # fmt: skip
         for key, group in _by_setting(cs).items()
     ]
     return "\n".join(parts) or '<p class="empty">No memory results.</p>'
+
+
+def _fidelity_label(r: dict[str, Any]) -> str:
+    return r["mechanism"] + "".join(f" {k}={v}" for k, v in sorted(r["options"].items()) if v is not None)
+
+
+def _chunks(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)] or [[]]
 
 
 def fidelity(rows: list[dict[str, Any]]) -> str:
@@ -219,37 +233,27 @@ def fidelity(rows: list[dict[str, Any]]) -> str:
         return '<p class="empty">No fidelity results in this store: run <code>attnkit bench fidelity</code>.</p>'
     parts = []
     for pattern in sorted({r["pattern"] for r in fid}):
-        for inputs in sorted({r["extra"].get("inputs") for r in fid}):
-            sel = [r for r in fid if r["pattern"] == pattern and r["extra"].get("inputs") == inputs]
+        for inputs in sorted({str(r["extra"].get("inputs")) for r in fid}):
+            sel = [r for r in fid if r["pattern"] == pattern and str(r["extra"].get("inputs")) == inputs]
             by_t: dict[str, list] = defaultdict(list)
             by_tau: dict[str, list] = defaultdict(list)
             t_max = max(r["tokens"] for r in sel)
             for r in sel:
-                label = r["mechanism"] + "".join(f" {k}={v}" for k, v in sorted(r["options"].items()) if v is not None)
                 if r["extra"].get("temperature") == 1.0:
-                    by_t[label].append((r["tokens"], r["error"]))
+                    by_t[_fidelity_label(r)].append((r["tokens"], r["error"]))
                 if r["tokens"] == t_max:
-                    by_tau[label].append((r["extra"]["temperature"], r["error"]))
-            parts.append(
-                render(
-                    Chart(
-                        f"Error vs exact softmax: {pattern}, {inputs} inputs, tau = 1",
-                        "T",
-                        "relative error",
-                        [Series(k, v) for k, v in sorted(by_t.items())],
-                    )
-                )
-            )
-            parts.append(
-                render(
-                    Chart(
-                        f"Error vs temperature: {pattern}, {inputs} inputs, T = {t_max}",
-                        "temperature tau (scales q)",
-                        "relative error",
-                        [Series(k, v) for k, v in sorted(by_tau.items())],
-                    )
-                )
-            )
+                    by_tau[_fidelity_label(r)].append((r["extra"].get("temperature"), r["error"]))
+            for n, labels in enumerate(_chunks(sorted(by_t), MAX_LINES)):
+                part = f" ({n + 1})" if len(by_t) > MAX_LINES else ""
+                parts.append(render(Chart(f"Error vs T: {pattern}, {inputs}{part}", "T", "relative error",
+                                          [Series(k, by_t[k]) for k in labels],
+                                          caption=f"{pattern}, {inputs} inputs, temperature 1")))  # fmt: skip
+            for n, labels in enumerate(_chunks(sorted(by_tau), MAX_LINES)):
+                part = f" ({n + 1})" if len(by_tau) > MAX_LINES else ""
+                parts.append(render(Chart(f"Error vs temperature: {pattern}, {inputs}{part}",
+                                          "temperature (scales q)", "relative error",
+                                          [Series(k, by_tau[k]) for k in labels],
+                                          caption=f"{pattern}, {inputs} inputs, T = {t_max}")))  # fmt: skip
     return "\n".join(parts)
 
 
@@ -259,25 +263,32 @@ def decode(rows: list[dict[str, Any]]) -> str:
         return '<p class="empty">No decoding results in this store (mode <code>decode</code>).</p>'
     lat: dict[str, list] = defaultdict(list)
     mem: dict[str, list] = defaultdict(list)
+    doubt: dict[str, set] = defaultdict(set)
     for r in dec:
-        label = f"{r['mechanism']}/{r['path']} {r['dtype']} ({run_setting(r)})"
+        label = f"{r['mechanism']}/{r['path']}"
         lat[label].append((r["tokens"], r["median_ms"]))
-        mem[label].append((r["tokens"], r["state_bytes"] / MIB))
-    return render(
-        Chart(
-            "Decoding: one token's latency at context T",
-            "context T",
-            "ms per token",
-            [Series(k, v) for k, v in sorted(lat.items())],
+        mem[label].append((r["tokens"], (r["state_bytes"] or 0) / MIB))
+        if r.get("doubtful"):
+            doubt[label].add(r["tokens"])
+    settings = sorted({f"{r['dtype']}, {run_setting(r)}" for r in dec})
+    parts = []
+    for n, labels in enumerate(_chunks(sorted(lat, key=lambda k: max(v for _, v in lat[k])), MAX_LINES)):
+        part = f" ({n + 1})" if len(lat) > MAX_LINES else ""
+        caption = "; ".join(settings)
+        parts.append(
+            render(
+                Chart(
+                    f"Decoding: ms per token{part}",
+                    "context T",
+                    "ms per token",
+                    [Series(k, lat[k], doubtful=doubt[k]) for k in labels],
+                    caption=caption,
+                )
+            )
         )
-    ) + render(
-        Chart(
-            "Decoding state size",
-            "context T",
-            "state MiB (batch 1, all heads)",
-            [Series(k, v) for k, v in sorted(mem.items())],
-        )
-    )
+        parts.append(render(Chart(f"Decoding state size{part}", "context T", "state MiB (batch 1, all heads)",
+                                  [Series(k, mem[k]) for k in labels], caption=caption)))  # fmt: skip
+    return "\n".join(parts)
 
 
 def peers(rows: list[dict[str, Any]]) -> str:
@@ -294,36 +305,16 @@ def peers(rows: list[dict[str, Any]]) -> str:
         base = baseline_of(p, cs)
         for t in p.lengths:
             pm = p.at(t, "ms")
+            base_ms = base.at(t, "ms") if base else None
+            ratio = p.at(t, "speedup") or (base_ms / pm if base_ms and pm else None)
+            vs_sdpa = Html(escape(_num(ratio, "{:.2f}×")) + doubt_mark(p.at(t, "doubtful")))
             for c in ours:
                 cm = c.at(t, "ms")
                 if cm and pm:
-                    out.append(
-                        [
-                            escape(p.peer or ""),
-                            escape(c.label),
-                            p.pattern,
-                            p.mode,
-                            t,
-                            f"{pm:.2f}",
-                            f"{cm:.2f}",
-                            f"{pm / cm:.2f}×",
-                            _num(base.at(t, "ms") / pm if base and base.at(t, "ms") else None, "{:.2f}×"),
-                        ]
-                    )
+                    out.append([p.peer, c.label, p.pattern, p.mode, t, f"{pm:.2f}", f"{cm:.2f}", f"{pm / cm:.2f}×",
+                                vs_sdpa])  # fmt: skip
             if not ours:
-                out.append(
-                    [
-                        escape(p.peer or ""),
-                        "—",
-                        p.pattern,
-                        p.mode,
-                        t,
-                        f"{pm:.2f}",
-                        "—",
-                        "—",
-                        _num(base.at(t, "ms") / pm if base and base.at(t, "ms") else None, "{:.2f}×"),
-                    ]
-                )
+                out.append([p.peer, "—", p.pattern, p.mode, t, f"{pm:.2f}", "—", "—", vs_sdpa])
     return "<p>attnkit/peer &gt; 1 means attnkit is faster (peer ms / attnkit ms), same inputs, same run.</p>" + table(
         ["peer", "attnkit", "pattern", "mode", "T", "peer ms", "attnkit ms", "attnkit speed-up", "peer vs SDPA"], out
     )
@@ -331,17 +322,13 @@ def peers(rows: list[dict[str, Any]]) -> str:
 
 def problems(rows: list[dict[str, Any]]) -> str:
     bad = [r for r in rows if r["status"] != "ok"]
-    out = [
-        [
-            r["kind"],
-            escape(f"{r['mechanism']}/{r.get('path') or ''}"),
-            r.get("pattern") or "",
-            r.get("mode") or "",
-            r.get("tokens") or "",
-            r.get("dtype") or "",
-            r["status"],
-            escape(r.get("reason") or ""),
-        ]
-        for r in bad
-    ]
-    return table(["kind", "mechanism", "pattern", "mode", "T", "dtype", "status", "reason"], out)
+    out = [[r["kind"], f"{r['mechanism']}/{r.get('path') or ''}", r.get("pattern"), r.get("mode"), r.get("tokens"),
+            r.get("dtype"), r["status"], r.get("reason")] for r in bad]  # fmt: skip
+    doubtful = [r for r in rows if r["status"] == "ok" and r.get("doubtful")]
+    shaky = [[r["kind"], f"{r['mechanism']}/{r.get('path') or ''}", r.get("pattern"), r.get("mode"), r.get("tokens"),
+              r.get("dtype"), r.get("doubtful")] for r in doubtful]  # fmt: skip
+    return (
+        table(["kind", "mechanism", "pattern", "mode", "T", "dtype", "status", "reason"], out)
+        + f"<h3>Doubtful figures ({len(doubtful)})</h3>"
+        + table(["kind", "mechanism", "pattern", "mode", "T", "dtype", "why"], shaky)
+    )
