@@ -185,3 +185,74 @@ def test_report_opens_in_headless_chromium(store_path, tmp_path):
     keep = os.environ.get("ATTNKIT_SCREENSHOT_DIR")
     if keep:
         shutil.copy(shot, os.path.join(keep, "report.png"))
+
+
+INJECT = '<script>alert("x")</script>'
+
+
+def test_every_store_field_is_escaped(tmp_path):
+    """A shared store is untrusted input: no field may reach the page as markup."""
+    db = tmp_path / "evil.sqlite"
+    with Store(db) as st:
+        run = st.start_run(INJECT, {"device": INJECT, "torch_version": INJECT, "git_rev": INJECT}, INJECT,
+                           matmul_gflops=1.0, matmul_dtype=INJECT)  # fmt: skip
+        for t in LENGTHS:
+            for mech, path in (("softmax", "sdpa"), ("linear", "chunk"), ("softmax", "reference")):
+                row = _speed(mech, path, INJECT, t, t / 10, 10 * t, mode=INJECT, dtype=INJECT, device=INJECT,
+                             doubtful=INJECT)  # fmt: skip
+                st.add(run, row)
+            st.add(run, {**_speed("linear", INJECT, "causal_self", t, None, None), "kind": INJECT, "status": INJECT,
+                         "reason": INJECT})  # fmt: skip
+            st.add(run, {"kind": "decode", "case_key": f"d{t}", "mechanism": INJECT, "path": INJECT,
+                         "pattern": "causal_self", "mode": "decode", "tokens": t, "dtype": INJECT, "status": "ok",
+                         "median_ms": 0.5, "state_bytes": 100, "doubtful": INJECT})  # fmt: skip
+            st.add(run, {"kind": "fidelity", "case_key": f"f{t}", "mechanism": INJECT, "pattern": INJECT,
+                         "mode": "fidelity", "tokens": t, "status": "ok", "error": 0.1, "options": {INJECT: INJECT},
+                         "extra": {"temperature": 1.0, "inputs": INJECT}})  # fmt: skip
+    html = build_report(db, tmp_path / "evil.html").read_text()
+    assert INJECT not in html and "<script>alert" not in html
+    assert html.count("<script>") == 1  # the report's own check script
+
+
+def test_the_report_opens_with_the_answer(store_path, tmp_path):
+    html = build_report(store_path, tmp_path / "report.html").read_text()
+    first = re.search(r'<section id="([a-z]+)"', html).group(1)
+    assert first == "answer"
+    answer = html[html.index('id="answer"') : html.index('id="scaling"')]
+    # synthetic store: linear/chunk is the fastest overall (t/40 ms), SDPA the fastest exact at 1K
+    rows = re.findall(r"<tr><td>(\w+)</td><td>(\d+)</td>.*?</tr>", answer)
+    assert ("causal_self", "1024") in rows and ("noncausal_self", "1024") in rows
+    row = re.search(r"<tr><td>causal_self</td><td>1024</td>(.*?)</tr>", answer).group(1)
+    cells = re.findall(r"<td>(.*?)</td>", row)
+    assert "SDPA softmax" in cells[1] and "linear/chunk" in cells[2], cells
+
+
+def test_doubtful_figures_are_marked_and_counted(tmp_path):
+    db = tmp_path / "d.sqlite"
+    with Store(db) as st:
+        run = st.start_run("r", {"device": "cpu", "threads": 2}, "test")
+        for t in LENGTHS:
+            st.add(run, _speed("softmax", "sdpa", "causal_self", t, t / 100, 10))
+            busy = "busy: other processes used 1.9 cores" if t == 1024 else None
+            st.add(run, _speed("linear", "chunk", "causal_self", t, t / 400, 10, speedup=4.0, doubtful=busy))
+    html = build_report(db, tmp_path / "d.html").read_text()
+    assert "1 doubtful" in html and 'class="doubt" title="busy: other processes used 1.9 cores"' in html
+
+
+def test_charts_stay_readable_with_many_mechanisms(tmp_path):
+    """Twelve mechanisms of one family: split over charts of at most 8 lines, never one unreadable chart."""
+    from attnkit.report.charts import MAX_LINES
+
+    db = tmp_path / "many.sqlite"
+    with Store(db) as st:
+        run = st.start_run("r", {"device": "cpu", "threads": 2}, "test")
+        for t in LENGTHS:
+            st.add(run, _speed("softmax", "sdpa", "causal_self", t, t / 100, 10))
+            for i in range(12):
+                st.add(run, _speed("linear", f"chunk{i}", "causal_self", t, t / (50 + i), 10, options={"eps": i}))
+    html = build_report(db, tmp_path / "many.html").read_text()
+    scaling = html[html.index('id="scaling"') : html.index('id="speedup"')]
+    figures = scaling.split('<figure class="chart">')[1:]
+    assert len(figures) >= 2
+    for fig in figures:
+        assert len(re.findall(r'<g id="series-\d+"', fig)) <= MAX_LINES

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from attnkit.bench.cases import speed_cases
-from attnkit.bench.store import SCHEMA_VERSION, Store, StoreError
+from attnkit.bench.store import SCHEMA_VERSION, Run, Store, StoreError
 
 SMALL_SWEEP = [
     "bench",
@@ -187,3 +187,100 @@ def test_reading_an_empty_file_says_so(tmp_path):
         Store(db, readonly=True)
     res = attnkit("report", "--db", str(db), "--out", str(tmp_path / "r.html"))
     assert res.returncode == 2 and "is empty" in res.stderr and not (tmp_path / "r.html").exists()
+
+
+@pytest.mark.parametrize("name", ["other_app.db#x", "other_app.db?mode=ro", "a%20b.db", "spaced name.db"])
+def test_db_paths_with_uri_characters_are_taken_literally(tmp_path, name):
+    """``--db 'other_app.db#x'`` once wrote into other_app.db (the path went into an SQLite URI unquoted)."""
+    other = tmp_path / "other_app.db"
+    con = sqlite3.connect(other)  # another program's database, beside ours
+    con.execute("CREATE TABLE t (x)")
+    con.commit()
+    con.close()
+    before = digest(other)
+    db = tmp_path / name
+    with Store(db) as st:
+        run = st.start_run("r", {}, "test")
+        st.add(run, {"kind": "speed", "case_key": "k", "mechanism": "m", "status": "ok"})
+    assert db.is_file() and digest(other) == before
+    with Store(db, readonly=True) as st:
+        assert len(st.results()) == 1
+
+
+def _v1_store(path: Path) -> None:
+    """A store as attnkit's schema 1 wrote it (no paired timing, no load columns, no run pid)."""
+    con = sqlite3.connect(path)
+    con.execute("CREATE TABLE runs (run_id TEXT PRIMARY KEY, started_at REAL NOT NULL, finished_at REAL,"
+                " status TEXT NOT NULL, command TEXT, device TEXT, threads INTEGER)")  # fmt: skip
+    con.execute("CREATE TABLE results (id INTEGER PRIMARY KEY AUTOINCREMENT, schema_version INTEGER NOT NULL,"
+                " run_id TEXT NOT NULL, created_at REAL NOT NULL, kind TEXT NOT NULL, case_key TEXT NOT NULL,"
+                " mechanism TEXT NOT NULL, status TEXT NOT NULL, median_ms REAL, max_ms REAL, options TEXT,"
+                " extra TEXT)")  # fmt: skip
+    con.execute("INSERT INTO runs VALUES ('old', 1, 2, 'finished', 'x', 'cpu', 2)")
+    con.execute("INSERT INTO results (schema_version, run_id, created_at, kind, case_key, mechanism, status,"
+                " median_ms, max_ms) VALUES (1, 'old', 1, 'speed', 'k', 'linear', 'ok', 3.0, 4.0)")  # fmt: skip
+    con.execute("PRAGMA application_id = 1096043313")
+    con.execute("PRAGMA user_version = 1")
+    con.commit()
+    con.close()
+
+
+def test_an_older_store_is_read_as_is_and_upgraded_when_written(tmp_path):
+    db = tmp_path / "v1.sqlite"
+    _v1_store(db)
+    with Store(db, readonly=True) as st:
+        (row,) = st.results()
+        assert row["median_ms"] == 3.0 and row["speedup"] is None and row["doubtful"] is None
+    with Store(db) as st:
+        run = st.start_run("new", {}, "test")
+        st.add(run, {"kind": "speed", "case_key": "k2", "mechanism": "m", "status": "ok", "speedup": 2.0})
+        assert [r["speedup"] for r in st.results()] == [None, 2.0]
+    assert sqlite3.connect(db).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+
+
+def test_a_read_only_store_is_a_message_not_a_traceback(tmp_path):
+    if os.geteuid() == 0:  # root writes through file modes: make the folder and file immutable another way
+        ro = tmp_path / "ro.sqlite"
+        Store(ro).close()
+        with Store(ro, readonly=True) as st:  # opened read-only: a write is refused with a message
+            with pytest.raises(StoreError, match="read-only"):
+                st.add(Run("x", {}), {"kind": "speed", "case_key": "k", "mechanism": "m", "status": "ok"})
+        return
+    ro = tmp_path / "ro.sqlite"
+    Store(ro).close()
+    ro.chmod(0o444)
+    res = attnkit(*SMALL_SWEEP, "--lengths", "16", "--db", str(ro))
+    assert res.returncode == 2 and "read-only" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_a_damaged_store_is_a_message_not_a_traceback(tmp_path):
+    db = tmp_path / "damaged.sqlite"
+    with Store(db) as st:
+        run = st.start_run("r", {}, "test")
+        for i in range(400):  # several pages of rows
+            st.add(run, {"kind": "speed", "case_key": f"k{i}", "mechanism": "m" * 200, "status": "ok"})
+    con = sqlite3.connect(db)
+    con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    con.close()
+    data = bytearray(db.read_bytes())
+    page = 4096
+    for p in range(4, len(data) // page):  # scribble over the later pages, keep the header page
+        data[p * page : p * page + 64] = b"\xff" * 64
+    db.write_bytes(bytes(data))
+    for argv in (["report", "--db", str(db), "--out", str(tmp_path / "r.html")], ["export", "--db", str(db)]):
+        res = attnkit(*argv)
+        assert res.returncode == 2, res.stderr
+        assert "damaged" in res.stderr and "Traceback" not in res.stderr, res.stderr
+
+
+def test_a_run_killed_outright_is_marked_interrupted_by_the_next_sweep(tmp_path):
+    db = tmp_path / "k.sqlite"
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    with Store(db) as st:
+        st.start_run("dead", {}, "killed", pid=int(gone.stdout))  # a pid that no longer exists
+        st.start_run("alive", {}, "still going", pid=os.getpid())
+    res = attnkit(*SMALL_SWEEP, "--lengths", "16", "--db", str(db), "--runs", "1")
+    assert res.returncode == 0, res.stderr
+    with Store(db, readonly=True) as st:
+        status = {r["run_id"]: r["status"] for r in st.runs()}
+    assert status["dead"] == "interrupted" and status["alive"] == "running"
