@@ -15,8 +15,8 @@ import torch
 from core_targets import best_of, peak_bytes
 
 import attnkit
-from attnkit.bench.cases import Case
-from attnkit.bench.worker import measure
+from attnkit.bench.case import Budget
+from attnkit.bench.speed import Case
 from attnkit.testing import make_qkv
 
 B, H, D = 1, 8, 64
@@ -77,9 +77,8 @@ def decode() -> None:
             continue
         ms, nbytes = [], 0
         for t in (1024, 4096):
-            r = measure(
-                Case("decode", name, "auto", "causal_self", "decode", t, runs=20, options=OPTIONS.get(name, {}))
-            )
+            case = Case("decode", name, "auto", "causal_self", "decode", t, runs=20, options=OPTIONS.get(name, {}))
+            r = case.measure(threads=torch.get_num_threads(), budget=Budget(time_s=60, timing_s=2))
             ms.append(r["median_ms"])
             nbytes = r["state_bytes"]
         print(f"  {name:15s} {r['path']:11s} {ms[0]:6.2f} ms  {ms[1]:6.2f} ms   state {nbytes / 2**20:7.2f} MiB")

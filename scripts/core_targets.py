@@ -2,8 +2,9 @@
 
     .venv/bin/python scripts/core_targets.py            # all figures, ~3 minutes on 2 cores
 
-B=1, H=8, D=64, fp32, forward. Each comparison interleaves the two candidates for several rounds and
-keeps each one's best median, so machine noise hits both alike. Peak memory is measured in a fresh
+B=1, H=8, D=64, fp32, forward. Each comparison interleaves the candidates for several rounds and
+keeps each one's best median (torch.utils.benchmark via attnkit.bench.timing), so machine noise hits
+both alike. Check `uptime` first: figures from a busy machine are not figures. Peak memory is measured in a fresh
 subprocess per case (the benchmark's own worker: VmHWM above the resident set after building the inputs).
 """
 
@@ -13,9 +14,9 @@ import torch
 import torch.nn.functional as F
 
 import attnkit
-from attnkit.bench.cases import Case
 from attnkit.bench.runner import run_worker
-from attnkit.bench.timing import time_fn
+from attnkit.bench.speed import Case
+from attnkit.bench.timing import time_call
 from attnkit.testing import make_qkv
 
 B, H, D = 1, 8, 64
@@ -26,7 +27,8 @@ def best_of(rounds: int, runs: int = 5, **candidates) -> dict[str, float]:
     best = {name: float("inf") for name in candidates}
     for _ in range(rounds):
         for name, fn in candidates.items():
-            best[name] = min(best[name], time_fn(fn, runs=runs).median_ms)
+            t = time_call(fn, threads=torch.get_num_threads(), budget_s=0.5, min_rounds=runs)
+            best[name] = min(best[name], t.median_ms)
     return best
 
 
