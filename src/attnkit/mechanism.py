@@ -234,6 +234,7 @@ class Mechanism(nn.Module):
         With ``return_state=True`` returns ``(out, state)``; pass that state to the next call to
         continue the sequence (causal_self only).
         """
+        self._check_path(path)
         x = validate(
             self,
             q,
@@ -260,6 +261,15 @@ class Mechanism(nn.Module):
         if self.heads is not None and self.trainable and x.heads != self.heads:
             raise ShapeError(f"{self.name} was created for {self.heads} heads; got q with {x.heads}")
 
+    def _check_path(self, path: str) -> None:
+        """Raise InvalidOption unless ``path`` names a path of this mechanism (checked before any compute)."""
+        valid = ["auto", "reference", *(p.name for p in self._fast_paths)]
+        if isinstance(path, str) and path in valid:
+            return
+        hint = did_you_mean(path, valid) if isinstance(path, str) else ""
+        what = f"no path {path!r}" if isinstance(path, str) else f"a path that is not a string: {path!r}"
+        raise InvalidOption(f"{self.name} has {what}.{hint} Valid paths: {', '.join(valid)}")
+
     def _choose_path(self, path: str, x: AttentionInputs):
         forced = os.environ.get(PATH_ENV)
         if forced:
@@ -268,7 +278,6 @@ class Mechanism(nn.Module):
             return type(self).reference
         if path == "reference":
             return type(self).reference
-        names = [p.name for p in self._fast_paths]
         if path == "auto":
             for p in sorted(self._fast_paths, key=lambda p: -p.rank(self, x)):
                 reasons = p.not_supported_reasons(self, x)
@@ -282,10 +291,8 @@ class Mechanism(nn.Module):
                 if reasons:
                     raise InvalidOption(f"{self.name} path {path!r} cannot take these inputs: {'; '.join(reasons)}")
                 return p
-        valid = ["auto", "reference", *names]
-        raise InvalidOption(
-            f"{self.name} has no path {path!r}.{did_you_mean(path, valid)} Valid paths: {', '.join(valid)}"
-        )
+        self._check_path(path)  # raises: forward checked it already
+        raise AssertionError(path)
 
     def reference(self, x: AttentionInputs) -> tuple[torch.Tensor, State | None]:
         """The specification: plain PyTorch that reads like the paper."""
