@@ -125,6 +125,12 @@ def validate(
         raise ShapeError(f"k and v must have the same number of heads; got k {hk} and v {v.shape[2]}")
     if dq != dk:
         raise ShapeError(f"q and k must have the same head dim; got q {dq} and k {dk}")
+    if dk == 0:
+        raise ShapeError(f"q and k need a head dim of at least 1 (the scale is 1/sqrt(Dk)); got Dk={dk}")
+    if v.shape[3] == 0:
+        raise ShapeError(f"v needs a value head dim of at least 1; got Dv={v.shape[3]}")
+    if hq == 0:
+        raise ShapeError("q has 0 heads; it needs at least one")
     if hk == 0 or hq % hk != 0:
         raise ShapeError(f"q has {hq} heads but k has {hk}; q heads must be a multiple of k heads")
     if min(tq, tk) == 0:

@@ -8,6 +8,7 @@ decorated with ``@fast_path("algorithm")``, each saying which inputs it cannot t
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -250,11 +251,24 @@ class Mechanism(nn.Module):
         self.check_call(x)
         x, cache = self.join_cache(x)
         run = self._choose_path(path, x)
-        out, new_state = run(self, x)
+        out, new_state = run(self, x) if x.batch else self._empty_batch(x)
         self.last_path = _last.path = run.name if isinstance(run, FastPath) else "reference"
         if cache is not None:
             new_state = cache
         return (out, new_state) if return_state else out
+
+    def _empty_batch(self, x: AttentionInputs) -> tuple[torch.Tensor, State | None]:
+        """B = 0: the empty ``[0, Tq, Hq, Dv]`` output (as SDPA gives) without running a path, and the state
+        of batch 0 advanced by the call's tokens. Joined to q, k, v so that a backward pass works."""
+        out = x.q.new_zeros(0, x.tq, x.heads, x.v.shape[-1])
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (x.q, x.k, x.v)):
+            out = out + (x.q.sum() + x.k.sum() + x.v.sum()) * 0  # empty sums: a 0 in the graph
+        if not x.want_state:
+            return out, None
+        state = x.state or self.init_state(
+            0, x.kv_heads, x.k.shape[-1], x.v.shape[-1], device=x.k.device, dtype=x.k.dtype
+        )
+        return out, dataclasses.replace(state, offset=state.offset + x.tq)
 
     def check_call(self, x: AttentionInputs) -> None:
         """Mechanism-specific checks of validated inputs (e.g. head counts of trainable ones)."""
