@@ -7,10 +7,14 @@ without new code here.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 import attnkit
 from attnkit import InvalidOption, ShapeError, UnknownMechanism
+from attnkit.mechanism import REGISTRY
+from attnkit.options import MAX_HEAD_DIM, MAX_HEADS, int_limit, is_int_field
 from attnkit.testing import cases, make_qkv, pattern_path_grid
 
 CASES = cases()
@@ -105,3 +109,85 @@ def test_zero_sized_heads_and_head_dims_raise(case):
         with pytest.raises(ShapeError) as err:
             mech(pattern=pattern, **kwargs)
         assert all(w in str(err.value) for w in words), f"{label}: {err.value}"
+
+
+# ---- create(): head counts -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["softmax", "gaussian"])
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("heads", 0), ("heads", -2), ("heads", 2.5), ("heads", "8"), ("heads", True), ("heads", 2**70)]
+    + [("head_dim", 0), ("head_dim", 2.0), ("head_dim", "64"), ("head_dim", False), ("head_dim", 2**70)],
+    ids=repr,
+)
+def test_create_refuses_bad_head_counts(name, key, value):
+    sizes = {"heads": 2, "head_dim": 8, key: value}
+    with pytest.raises(InvalidOption) as err:
+        attnkit.create(name, **sizes)
+    msg = str(err.value)
+    top = MAX_HEADS if key == "heads" else MAX_HEAD_DIM
+    assert f"{key}={value!r}" in msg and f"[1, {top}]" in msg, msg
+
+
+# ---- options: every int within declared bounds, every float finite ----------------------------------
+
+
+def _fields():
+    for name in REGISTRY.names():
+        cls = REGISTRY.get(name)
+        for f in dataclasses.fields(cls.Options):
+            yield name, f
+
+
+INT_FIELDS = [(n, f) for n, f in _fields() if is_int_field(f)]
+FLOAT_FIELDS = [(n, f) for n, f in _fields() if "float" in str(f.type) and "tuple" not in str(f.type)]
+TUPLE_FIELDS = [(n, f) for n, f in _fields() if "tuple[float" in str(f.type)]
+
+
+def test_every_int_option_is_found():
+    """Guard the generated tests below against an empty selection."""
+    names = {f.name for _, f in INT_FIELDS}
+    assert {"window", "chunk_size", "max_len", "features", "landmarks", "newton_iters", "seed"} <= names
+
+
+@pytest.mark.parametrize(("name", "f"), INT_FIELDS, ids=lambda x: getattr(x, "name", x))
+def test_int_options_have_an_upper_bound(name, f):
+    """Beyond 64 bits, and one past the declared bound: InvalidOption naming the value and the range."""
+    top = int_limit(f)
+    assert top <= 2**63 - 1
+    for value in (2**70, -(2**70), top + 1):
+        with pytest.raises(InvalidOption) as err:
+            attnkit.create(name, heads=HQ, head_dim=D, **{f.name: value})
+        msg = str(err.value)
+        assert f"{f.name}={value!r}" in msg and str(top) in msg, msg
+    with pytest.raises(InvalidOption, match=f"{f.name}=True"):
+        attnkit.create(name, heads=HQ, head_dim=D, **{f.name: True})
+
+
+def test_window_beyond_64_bits_is_refused_at_attend():
+    q, k, v = make_qkv(1, 4, 4, 2, 2, 8)
+    with pytest.raises(InvalidOption, match=r"window=1180591620717411303424 .*<= \d+"):
+        attnkit.attend(q, k, v, "sliding_window", pattern="causal_self", window=2**70)
+
+
+@pytest.mark.parametrize(("name", "f"), FLOAT_FIELDS, ids=lambda x: getattr(x, "name", x))
+def test_float_options_must_be_finite(name, f):
+    for value in (float("nan"), float("inf"), float("-inf"), 2**1100):
+        with pytest.raises(InvalidOption) as err:
+            attnkit.create(name, heads=HQ, head_dim=D, **{f.name: value})
+        assert f"{f.name}=" in str(err.value) and "finite" in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize(("name", "f"), TUPLE_FIELDS, ids=lambda x: getattr(x, "name", x))
+def test_per_head_float_options_must_be_finite(name, f):
+    for value in ((float("nan"),), (0.5, float("inf"))):
+        with pytest.raises(InvalidOption, match=f.name):
+            attnkit.create(name, heads=HQ, head_dim=D, **{f.name: value})
+
+
+@pytest.mark.parametrize("eps", [0.0, -1e-6, 0])
+def test_linear_eps_must_be_positive(eps):
+    with pytest.raises(InvalidOption) as err:
+        attnkit.create("linear", eps=eps)
+    assert f"eps={eps!r}" in str(err.value) and "positive" in str(err.value)

@@ -21,7 +21,7 @@ from torch import nn
 
 from .errors import AttnkitError, InvalidOption, ShapeError, did_you_mean
 from .inputs import AttentionInputs, validate
-from .options import NoOptions, parse_options
+from .options import MAX_HEAD_DIM, MAX_HEADS, NoOptions, check_size, parse_options
 from .patterns import Pattern
 from .registry import Registry
 from .state import KVCache, RecurrentState, State, WindowCache
@@ -181,6 +181,9 @@ class Mechanism(nn.Module):
 
     def __init__(self, heads: int | None = None, head_dim: int | None = None, **options: Any):
         super().__init__()
+        for label, value, top in (("heads", heads, MAX_HEADS), ("head_dim", head_dim, MAX_HEAD_DIM)):
+            if value is not None:
+                check_size(f"{self.name}: {label}", value, top)
         if self.trainable and (heads is None or head_dim is None):
             raise InvalidOption(
                 f"{self.name} has trainable parameters sized by the heads; pass heads= and head_dim= "
