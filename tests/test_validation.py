@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
 
 import attnkit
 from attnkit import InvalidOption, ShapeError, UnknownMechanism
@@ -191,3 +192,37 @@ def test_linear_eps_must_be_positive(eps):
     with pytest.raises(InvalidOption) as err:
         attnkit.create("linear", eps=eps)
     assert f"eps={eps!r}" in str(err.value) and "positive" in str(err.value)
+
+
+# ---- gaussian: options that would make every output NaN -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"init_scale": 1e20},  # xi = c^2 overflows fp32: the blocked path's 1/r is inf
+        {"init_scale": 1e-23},  # xi = c^2 underflows to 0: every log-weight is -inf
+        {"init_offset": 1e20},  # (s - mu - delta)^2 overflows: every weight -inf
+        {"init_offset": -1e20},
+        {"eps": 1e38},  # var + eps times xi overflows in the blocked path
+    ],
+    ids=repr,
+)
+def test_gaussian_refuses_options_that_give_nan(options):
+    ((key, value),) = options.items()
+    with pytest.raises(InvalidOption) as err:
+        attnkit.create("gaussian", heads=2, head_dim=8, **options)
+    assert f"{key}={value!r}" in str(err.value) and "[" in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize("options", [{}, {"init_scale": 1e-6}, {"init_scale": 1e6}, {"init_offset": 1e4},
+                                     {"init_offset": -1e4}, {"eps": 1e-12}, {"eps": 1e4},
+                                     {"init_scale": 1e-6, "init_offset": 1e4, "eps": 1e-12},
+                                     {"init_scale": 1e6, "init_offset": -1e4, "eps": 1e4}], ids=repr)  # fmt: skip
+def test_gaussian_options_at_their_bounds_give_finite_outputs(options):
+    mech = attnkit.create("gaussian", heads=2, head_dim=8, **options)
+    q, k, v = make_qkv(2, 40, 40, 2, 2, 8)
+    for pattern in ("causal_self", "noncausal_self"):
+        for path in ("reference", "blocked"):
+            out = mech(q, k, v, pattern=pattern, path=path)
+            assert torch.isfinite(out).all(), (options, pattern, path)

@@ -149,10 +149,21 @@ def check_int(mechanism: str, name: str, value: Any, *, minimum: int = 1, maximu
         raise InvalidOption(f"{mechanism} option {name}={value!r} is not valid; expected {expected}")
 
 
-def check_float(mechanism: str, name: str, value: Any, *, positive: bool = False, allow_none: bool = False) -> None:
+def check_float(
+    mechanism: str,
+    name: str,
+    value: Any,
+    *,
+    positive: bool = False,
+    allow_none: bool = False,
+    within: tuple[float, float] | None = None,
+) -> None:
+    """A finite number (> 0 with ``positive``; in the closed range ``within`` when given)."""
     if value is None and allow_none:
         return
     ok = isinstance(value, int | float) and not isinstance(value, bool) and _finite(value)
-    if not ok or (positive and value <= 0):
+    if not ok or (positive and value <= 0) or (within and not within[0] <= value <= within[1]):
         kind = "a positive finite number" if positive else "a finite number"
+        if within:
+            kind = f"a number in [{within[0]:g}, {within[1]:g}]"
         raise InvalidOption(f"{mechanism} option {name}={value!r} is not valid; expected {kind}")
