@@ -32,6 +32,7 @@ MAX_TOKENS = 1 << 24  # lengths in tokens (16M, beyond any sequence one device a
 MAX_COUNT = 1 << 16  # any other count: features, landmarks, feature dims, layers
 MAX_HEADS = 1 << 12  # heads of a layer or mechanism (models use at most a few hundred)
 MAX_HEAD_DIM = 1 << 14  # width of one head (models use at most a few hundred)
+MAX_WIDTH = 1 << 20  # model width of a layer (models use at most tens of thousands)
 MAX_ITERATIONS = 1000  # iterative solvers converge in tens of steps (SOFT's Newton-Schulz: 20)
 
 # The upper bound of every integer option, by name (one name means one thing in every mechanism);
