@@ -129,7 +129,14 @@ def fast_path(
 
 
 def register_mechanism(name: str) -> Callable[[type[Mechanism]], type[Mechanism]]:
+    """Class decorator: register a Mechanism subclass under ``name``. It must define its own
+    ``reference`` and ``flops`` (the benchmark reports utilisation from flops; a base-class stub
+    would only show up there as a stored NotImplementedError)."""
+
     def deco(cls: type[Mechanism]) -> type[Mechanism]:
+        missing = [m for m in ("reference", "flops") if getattr(cls, m) is getattr(Mechanism, m)]
+        if missing:
+            raise AttnkitError(f"mechanism {name!r} ({cls.__qualname__}) must define {' and '.join(missing)}()")
         cls.name = name
         return REGISTRY.register(name)(cls)
 
