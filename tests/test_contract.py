@@ -6,7 +6,9 @@ import each other without circles; ``path="auto"`` says when it falls back to th
 
 from __future__ import annotations
 
+import ast
 import math
+from pathlib import Path
 
 import pytest
 
@@ -56,3 +58,37 @@ def test_a_mechanism_cannot_register_without_flops_or_reference(missing):
         assert "_test_incomplete" not in REGISTRY
     finally:
         REGISTRY._entries.pop("_test_incomplete", None)
+
+
+# ---- no mechanism imports another --------------------------------------------------------------------
+
+SRC = Path(attnkit.__file__).resolve().parent
+
+
+def _imported_modules(path: Path, package: str) -> set[str]:
+    """Dotted names of the attnkit modules a file imports (relative imports resolved), anywhere in it."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                parts = package.split(".")
+                base = ".".join(parts[: len(parts) - node.level + 1])
+                module = f"{base}.{node.module}" if node.module else base
+            else:
+                module = node.module or ""
+            names.add(module)
+            names.update(f"{module}.{a.name}" for a in node.names)  # `from . import softmax`
+    return names
+
+
+MECHANISM_FILES = sorted((SRC / "mechanisms").glob("*.py"))
+
+
+@pytest.mark.parametrize("path", MECHANISM_FILES, ids=lambda p: p.name)
+def test_no_mechanism_imports_another(path):
+    """Shared pieces live in ops/ (or a private _base module); a mechanism file never imports another."""
+    mechanisms = {f"attnkit.mechanisms.{p.stem}" for p in MECHANISM_FILES if not p.stem.startswith("_")}
+    imported = _imported_modules(path, "attnkit.mechanisms")
+    assert not imported & mechanisms, f"{path.name} imports {sorted(imported & mechanisms)}"

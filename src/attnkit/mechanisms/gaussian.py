@@ -29,13 +29,13 @@ from ..errors import ShapeError
 from ..inputs import AttentionInputs
 from ..mechanism import Complexity, Mechanism, Paper, Shape, fast_path, register_mechanism
 from ..ops._gaussian import causal_moments, quadratic_logit_attention
+from ..ops.flops import causal_factor
 from ..ops.gqa import repeat_kv
 from ..ops.masking import masked_softmax, visibility, visible_counts
 from ..ops.reference import compute_dtype, upcast_qkv
 from ..options import check_float
 from ..patterns import ALL_PATTERNS, Pattern
 from ..state import KVCache
-from .softmax import causal_factor
 
 LOG2E = math.log2(math.e)
 DIRECT_MAX_QUERIES = 16  # calls with at most this many queries (decoding) take the scores in one piece
