@@ -92,3 +92,70 @@ def test_no_mechanism_imports_another(path):
     mechanisms = {f"attnkit.mechanisms.{p.stem}" for p in MECHANISM_FILES if not p.stem.startswith("_")}
     imported = _imported_modules(path, "attnkit.mechanisms")
     assert not imported & mechanisms, f"{path.name} imports {sorted(imported & mechanisms)}"
+
+
+# ---- no import circles -------------------------------------------------------------------------------
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(SRC.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _top_level_imports(tree: ast.Module) -> list[ast.Import | ast.ImportFrom]:
+    """Imports run when the module is imported, and those under ``if TYPE_CHECKING:`` (a circle hidden
+    from the interpreter is still a circle); not the ones inside functions (deliberately lazy)."""
+    found, todo = [], list(tree.body)
+    while todo:
+        node = todo.pop()
+        if isinstance(node, ast.Import | ast.ImportFrom):
+            found.append(node)
+        elif isinstance(node, ast.If | ast.Try):
+            todo.extend(node.body + node.orelse + getattr(node, "finalbody", []))
+            todo.extend(n for h in getattr(node, "handlers", []) for n in h.body)
+    return found
+
+
+def _import_graph() -> dict[str, set[str]]:
+    files = {_module_name(p): p for p in SRC.rglob("*.py")}
+    graph = {}
+    for name, path in files.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        module = ast.Module(body=_top_level_imports(ast.parse(path.read_text(encoding="utf-8"))), type_ignores=[])
+        graph[name] = {m for m in _imported_modules_of(module, package, set(files)) if m in files and m != name}
+    return graph
+
+
+def _imported_modules_of(tree: ast.Module, package: str, files: set[str]) -> set[str]:
+    """``from . import sections`` imports the submodule, not the package's ``__init__`` again."""
+    names = set()
+    for node in tree.body:
+        if isinstance(node, ast.Import):
+            names.update(a.name for a in node.names)
+        else:
+            parts = package.split(".")
+            base = ".".join(parts[: len(parts) - node.level + 1]) if node.level else ""
+            module = ".".join(x for x in (base, node.module) if x)
+            submodules = {f"{module}.{a.name}" for a in node.names} & files
+            names.update(submodules)
+            if len(submodules) < len(node.names):
+                names.add(module)
+    return names
+
+
+def test_no_import_circles():
+    """No module imports (at import time or for type checking) one that imports it back, directly or not."""
+    graph = _import_graph()
+    assert graph["attnkit.mechanism"] and "attnkit.inputs" in graph["attnkit.mechanism"]  # the graph is read
+    circles = []
+    for start in sorted(graph):
+        seen, todo = set(), [(start, [start])]
+        while todo:
+            node, trail = todo.pop()
+            for nxt in sorted(graph[node]):
+                if nxt == start:
+                    circles.append(" -> ".join([*trail, start]))
+                elif nxt not in seen:
+                    seen.add(nxt)
+                    todo.append((nxt, [*trail, nxt]))
+    assert not circles, "import circles:\n" + "\n".join(circles)
