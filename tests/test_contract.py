@@ -8,13 +8,16 @@ from __future__ import annotations
 
 import ast
 import math
+import warnings
 from pathlib import Path
 
 import pytest
 
 import attnkit
 from attnkit import AttnkitError, Pattern
-from attnkit.mechanism import REGISTRY, Complexity, Mechanism, Paper, Shape, register_mechanism
+from attnkit.errors import ReferenceFallbackWarning
+from attnkit.mechanism import REGISTRY, Complexity, Mechanism, Paper, Shape, fast_path, register_mechanism
+from attnkit.testing import make_qkv
 
 # ---- flops() is required ---------------------------------------------------------------------------
 
@@ -159,3 +162,73 @@ def test_no_import_circles():
                     seen.add(nxt)
                     todo.append((nxt, [*trail, nxt]))
     assert not circles, "import circles:\n" + "\n".join(circles)
+
+
+# ---- path="auto" says when it falls back to the reference ------------------------------------------
+
+
+@pytest.fixture
+def picky_mechanism():
+    """A throwaway mechanism whose one fast path takes only inputs of at most 4 queries."""
+
+    class Picky(Mechanism):
+        family = "test"
+        paper = Paper("none", 2026)
+        patterns = frozenset(Pattern)
+        exact = True
+        complexity = Complexity("O(1)", "O(1)")
+
+        def reference(self, x):
+            return x.v.repeat_interleave(x.groups, 2)[:, : x.tq].clone(), None
+
+        @fast_path("small", priority=10)
+        def small(self, x):
+            return self.reference(x)
+
+        @small.unsupported
+        def _small_reasons(self, x):
+            return [f"small takes Tq <= 4; got Tq={x.tq}"] if x.tq > 4 else []
+
+        def flops(self, shape, pattern):
+            return 1.0
+
+    register_mechanism("_test_picky")(Picky)
+    yield "_test_picky"
+    REGISTRY._entries.pop("_test_picky")
+
+
+def test_auto_warns_once_when_it_falls_back_to_the_reference(picky_mechanism, monkeypatch):
+    mech = attnkit.create(picky_mechanism)
+    q, k, v = make_qkv(1, 6, 6, 2, 2, 8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # the once-only is attnkit's own, not the warnings registry's
+        mech(q[:, :3], k[:, :3], v[:, :3], pattern="causal_self")  # the fast path takes it: no warning
+        assert mech.last_path == "small" and not caught
+        for _ in range(3):
+            mech(q, k, v, pattern="causal_self")
+        assert mech.last_path == "reference"
+        assert len(caught) == 1, [str(w.message) for w in caught]
+        w = caught[0]
+        assert issubclass(w.category, ReferenceFallbackWarning) and issubclass(w.category, UserWarning)
+        msg = str(w.message)
+        assert picky_mechanism in msg and "small" in msg and "Tq <= 4; got Tq=6" in msg and "reference" in msg
+        mech(q[:, :5], k[:, :5], v[:, :5], pattern="causal_self")  # another reason: warned once more
+        assert len(caught) == 2 and "Tq=5" in str(caught[1].message)
+        mech(q[:, :5], k[:, :5], v[:, :5], pattern="causal_self")
+        mech(q[:, :5], k[:, :5], v[:, :5], pattern="causal_self", path="reference")  # asked for: no warning
+        monkeypatch.setenv("ATTNKIT_PATH", "reference")
+        mech(q[:, :5], k[:, :4], v[:, :4], pattern="noncausal_cross")
+        assert len(caught) == 2
+
+
+def test_reference_only_mechanisms_do_not_warn(picky_mechanism):
+    """A mechanism without fast paths runs its reference by design: nothing to warn about."""
+    q, k, v = make_qkv(1, 6, 6, 2, 2, 8)
+    mech = attnkit.create(picky_mechanism)
+    type(mech)._fast_paths, saved = (), type(mech)._fast_paths
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            mech(q, k, v, pattern="causal_self")
+    finally:
+        type(mech)._fast_paths = saved

@@ -12,6 +12,7 @@ import dataclasses
 import logging
 import os
 import threading
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
@@ -19,7 +20,7 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import nn
 
-from .errors import AttnkitError, InvalidOption, ShapeError, did_you_mean
+from .errors import AttnkitError, InvalidOption, ReferenceFallbackWarning, ShapeError, did_you_mean
 from .inputs import AttentionInputs, validate
 from .options import MAX_HEAD_DIM, MAX_HEADS, NoOptions, check_size, parse_options
 from .patterns import Pattern
@@ -141,6 +142,23 @@ def register_mechanism(name: str) -> Callable[[type[Mechanism]], type[Mechanism]
         return REGISTRY.register(name)(cls)
 
     return deco
+
+
+_fallbacks_warned: set[tuple[str, tuple[str, ...]]] = set()
+
+
+def _warn_fallback(name: str, refusals: tuple[str, ...]) -> None:
+    """Warn that path="auto" runs the reference, once per (mechanism, reasons): a silent fallback makes a
+    benchmark or a model slow for no visible reason, and one warning per call would flood a training loop."""
+    if (name, refusals) in _fallbacks_warned:
+        return
+    _fallbacks_warned.add((name, refusals))
+    warnings.warn(
+        f"{name}: no fast path takes these inputs ({' | '.join(refusals)}), so path='auto' runs the reference,"
+        " which is slower. Pass path='reference' to choose it (and silence this warning).",
+        ReferenceFallbackWarning,
+        stacklevel=3,  # the line in Mechanism.forward that chose the path
+    )
 
 
 def last_path() -> str | None:
@@ -303,11 +321,15 @@ class Mechanism(nn.Module):
         if path == "reference":
             return type(self).reference
         if path == "auto":
+            refusals = []
             for p in sorted(self._fast_paths, key=lambda p: -p.rank(self, x)):
                 reasons = p.not_supported_reasons(self, x)
                 if not reasons:
                     return p
                 log.debug("%s: path %s skipped: %s", self.name, p.name, "; ".join(reasons))
+                refusals.append(f"{p.name}: {'; '.join(reasons)}")
+            if refusals:  # a mechanism with fast paths, none of which takes these inputs
+                _warn_fallback(self.name, tuple(refusals))
             return type(self).reference
         for p in self._fast_paths:
             if p.name == path:
