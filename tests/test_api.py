@@ -192,6 +192,9 @@ def trainable_mechanism():
         def reference(self, x):
             return x.v.repeat_interleave(x.groups, 2)[:, : x.tq] * self.gain[:, None], None
 
+        def flops(self, shape, pattern):
+            return 0.0
+
     register_mechanism("_test_scaled")(Scaled)
     yield "_test_scaled"
     REGISTRY._entries.pop("_test_scaled")

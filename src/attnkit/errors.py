@@ -34,6 +34,10 @@ class InvalidOption(AttnkitError):
     """An option, path or keyword has a name or value the mechanism does not accept."""
 
 
+class ReferenceFallbackWarning(UserWarning):
+    """``path="auto"`` ran the reference because no fast path takes the inputs (warned once per reason)."""
+
+
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
     """' Did you mean 'x'?' when a close match exists, else an empty string."""
     close = difflib.get_close_matches(name, list(choices), n=3, cutoff=0.6)

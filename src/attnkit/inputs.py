@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
@@ -18,8 +18,19 @@ from .errors import DTypeError, InvalidOption, ShapeError, UnsupportedPattern
 from .patterns import Pattern, as_pattern
 from .state import State
 
-if TYPE_CHECKING:
-    from .mechanism import Mechanism
+
+class MechanismLike(Protocol):
+    """What validation reads of a mechanism (``attnkit.mechanism.Mechanism`` has it all; naming that class
+    here would make the two modules import each other)."""
+
+    name: str
+    patterns: frozenset[Pattern]
+    uses_scale: bool
+    spatial: bool
+    state_kind: type[State] | None
+
+    def check_state(self, state: State, k: torch.Tensor, v: torch.Tensor) -> None: ...
+
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -83,7 +94,7 @@ def check_scale(scale: object) -> None:
 
 
 def validate(
-    mech: Mechanism,
+    mech: MechanismLike,
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -125,6 +136,12 @@ def validate(
         raise ShapeError(f"k and v must have the same number of heads; got k {hk} and v {v.shape[2]}")
     if dq != dk:
         raise ShapeError(f"q and k must have the same head dim; got q {dq} and k {dk}")
+    if dk == 0:
+        raise ShapeError(f"q and k need a head dim of at least 1 (the scale is 1/sqrt(Dk)); got Dk={dk}")
+    if v.shape[3] == 0:
+        raise ShapeError(f"v needs a value head dim of at least 1; got Dv={v.shape[3]}")
+    if hq == 0:
+        raise ShapeError("q has 0 heads; it needs at least one")
     if hk == 0 or hq % hk != 0:
         raise ShapeError(f"q has {hq} heads but k has {hk}; q heads must be a multiple of k heads")
     if min(tq, tk) == 0:
@@ -170,14 +187,14 @@ def validate(
     )
 
 
-def check_pattern(mech: Mechanism | type[Mechanism], pattern: Pattern) -> None:
+def check_pattern(mech: MechanismLike | type[MechanismLike], pattern: Pattern) -> None:
     """Raise UnsupportedPattern naming the mechanism, the pattern and the patterns it does support."""
     if pattern not in mech.patterns:
         supported = ", ".join(sorted(p.value for p in mech.patterns))
         raise UnsupportedPattern(f"{mech.name} does not support pattern {pattern.value}; it supports: {supported}")
 
 
-def _check_state(mech: Mechanism, pattern: Pattern, k: torch.Tensor, v: torch.Tensor, state: State | None) -> None:
+def _check_state(mech: MechanismLike, pattern: Pattern, k: torch.Tensor, v: torch.Tensor, state: State | None) -> None:
     if mech.state_kind is None:
         raise InvalidOption(f"{mech.name} has no decoding state; call it without state= and return_state=")
     if pattern is not Pattern.CAUSAL_SELF:
@@ -192,7 +209,7 @@ def _check_state(mech: Mechanism, pattern: Pattern, k: torch.Tensor, v: torch.Te
     mech.check_state(state, k, v)
 
 
-def _check_spatial(mech: Mechanism, spatial_shape, tq: int) -> tuple[int, ...] | None:
+def _check_spatial(mech: MechanismLike, spatial_shape, tq: int) -> tuple[int, ...] | None:
     if spatial_shape is None:
         if mech.spatial:
             raise ShapeError(f"{mech.name} needs spatial_shape=(h, w) or (d, h, w) with prod == T={tq}")

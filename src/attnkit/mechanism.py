@@ -8,9 +8,11 @@ decorated with ``@fast_path("algorithm")``, each saying which inputs it cannot t
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, NamedTuple
@@ -18,9 +20,9 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import nn
 
-from .errors import AttnkitError, InvalidOption, ShapeError, did_you_mean
+from .errors import AttnkitError, InvalidOption, ReferenceFallbackWarning, ShapeError, did_you_mean
 from .inputs import AttentionInputs, validate
-from .options import NoOptions, parse_options
+from .options import MAX_HEAD_DIM, MAX_HEADS, NoOptions, check_size, parse_options
 from .patterns import Pattern
 from .registry import Registry
 from .state import KVCache, RecurrentState, State, WindowCache
@@ -128,11 +130,35 @@ def fast_path(
 
 
 def register_mechanism(name: str) -> Callable[[type[Mechanism]], type[Mechanism]]:
+    """Class decorator: register a Mechanism subclass under ``name``. It must define its own
+    ``reference`` and ``flops`` (the benchmark reports utilisation from flops; a base-class stub
+    would only show up there as a stored NotImplementedError)."""
+
     def deco(cls: type[Mechanism]) -> type[Mechanism]:
+        missing = [m for m in ("reference", "flops") if getattr(cls, m) is getattr(Mechanism, m)]
+        if missing:
+            raise AttnkitError(f"mechanism {name!r} ({cls.__qualname__}) must define {' and '.join(missing)}()")
         cls.name = name
         return REGISTRY.register(name)(cls)
 
     return deco
+
+
+_fallbacks_warned: set[tuple[str, tuple[str, ...]]] = set()
+
+
+def _warn_fallback(name: str, refusals: tuple[str, ...]) -> None:
+    """Warn that path="auto" runs the reference, once per (mechanism, reasons): a silent fallback makes a
+    benchmark or a model slow for no visible reason, and one warning per call would flood a training loop."""
+    if (name, refusals) in _fallbacks_warned:
+        return
+    _fallbacks_warned.add((name, refusals))
+    warnings.warn(
+        f"{name}: no fast path takes these inputs ({' | '.join(refusals)}), so path='auto' runs the reference,"
+        " which is slower. Pass path='reference' to choose it (and silence this warning).",
+        ReferenceFallbackWarning,
+        stacklevel=3,  # the line in Mechanism.forward that chose the path
+    )
 
 
 def last_path() -> str | None:
@@ -180,6 +206,9 @@ class Mechanism(nn.Module):
 
     def __init__(self, heads: int | None = None, head_dim: int | None = None, **options: Any):
         super().__init__()
+        for label, value, top in (("heads", heads, MAX_HEADS), ("head_dim", head_dim, MAX_HEAD_DIM)):
+            if value is not None:
+                check_size(f"{self.name}: {label}", value, top)
         if self.trainable and (heads is None or head_dim is None):
             raise InvalidOption(
                 f"{self.name} has trainable parameters sized by the heads; pass heads= and head_dim= "
@@ -234,6 +263,7 @@ class Mechanism(nn.Module):
         With ``return_state=True`` returns ``(out, state)``; pass that state to the next call to
         continue the sequence (causal_self only).
         """
+        self._check_path(path)
         x = validate(
             self,
             q,
@@ -249,16 +279,38 @@ class Mechanism(nn.Module):
         self.check_call(x)
         x, cache = self.join_cache(x)
         run = self._choose_path(path, x)
-        out, new_state = run(self, x)
+        out, new_state = run(self, x) if x.batch else self._empty_batch(x)
         self.last_path = _last.path = run.name if isinstance(run, FastPath) else "reference"
         if cache is not None:
             new_state = cache
         return (out, new_state) if return_state else out
 
+    def _empty_batch(self, x: AttentionInputs) -> tuple[torch.Tensor, State | None]:
+        """B = 0: the empty ``[0, Tq, Hq, Dv]`` output (as SDPA gives) without running a path, and the state
+        of batch 0 advanced by the call's tokens. Joined to q, k, v so that a backward pass works."""
+        out = x.q.new_zeros(0, x.tq, x.heads, x.v.shape[-1])
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (x.q, x.k, x.v)):
+            out = out + (x.q.sum() + x.k.sum() + x.v.sum()) * 0  # empty sums: a 0 in the graph
+        if not x.want_state:
+            return out, None
+        state = x.state or self.init_state(
+            0, x.kv_heads, x.k.shape[-1], x.v.shape[-1], device=x.k.device, dtype=x.k.dtype
+        )
+        return out, dataclasses.replace(state, offset=state.offset + x.tq)
+
     def check_call(self, x: AttentionInputs) -> None:
         """Mechanism-specific checks of validated inputs (e.g. head counts of trainable ones)."""
         if self.heads is not None and self.trainable and x.heads != self.heads:
             raise ShapeError(f"{self.name} was created for {self.heads} heads; got q with {x.heads}")
+
+    def _check_path(self, path: str) -> None:
+        """Raise InvalidOption unless ``path`` names a path of this mechanism (checked before any compute)."""
+        valid = ["auto", "reference", *(p.name for p in self._fast_paths)]
+        if isinstance(path, str) and path in valid:
+            return
+        hint = did_you_mean(path, valid) if isinstance(path, str) else ""
+        what = f"no path {path!r}" if isinstance(path, str) else f"a path that is not a string: {path!r}"
+        raise InvalidOption(f"{self.name} has {what}.{hint} Valid paths: {', '.join(valid)}")
 
     def _choose_path(self, path: str, x: AttentionInputs):
         forced = os.environ.get(PATH_ENV)
@@ -268,13 +320,16 @@ class Mechanism(nn.Module):
             return type(self).reference
         if path == "reference":
             return type(self).reference
-        names = [p.name for p in self._fast_paths]
         if path == "auto":
+            refusals = []
             for p in sorted(self._fast_paths, key=lambda p: -p.rank(self, x)):
                 reasons = p.not_supported_reasons(self, x)
                 if not reasons:
                     return p
                 log.debug("%s: path %s skipped: %s", self.name, p.name, "; ".join(reasons))
+                refusals.append(f"{p.name}: {'; '.join(reasons)}")
+            if refusals:  # a mechanism with fast paths, none of which takes these inputs
+                _warn_fallback(self.name, tuple(refusals))
             return type(self).reference
         for p in self._fast_paths:
             if p.name == path:
@@ -282,10 +337,8 @@ class Mechanism(nn.Module):
                 if reasons:
                     raise InvalidOption(f"{self.name} path {path!r} cannot take these inputs: {'; '.join(reasons)}")
                 return p
-        valid = ["auto", "reference", *names]
-        raise InvalidOption(
-            f"{self.name} has no path {path!r}.{did_you_mean(path, valid)} Valid paths: {', '.join(valid)}"
-        )
+        self._check_path(path)  # raises: forward checked it already
+        raise AssertionError(path)
 
     def reference(self, x: AttentionInputs) -> tuple[torch.Tensor, State | None]:
         """The specification: plain PyTorch that reads like the paper."""

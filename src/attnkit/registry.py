@@ -52,6 +52,7 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> T:
         self.discover()
+        self._check_name(name)
         try:
             return self._entries[name]
         except KeyError:
@@ -63,7 +64,16 @@ class Registry(Generic[T]):
     def names(self, pattern: str = "*") -> list[str]:
         """Registered names matching a shell wildcard (``"linear*"``), sorted."""
         self.discover()
+        self._check_name(pattern)
         return sorted(n for n in self._entries if fnmatch.fnmatchcase(n, pattern))
+
+    def _check_name(self, name: object) -> None:
+        """A name that is not a string can match nothing: say so, instead of a KeyError or AttributeError."""
+        if not isinstance(name, str):
+            raise self.error(
+                f"{self.what} name must be a string; got {name!r} ({type(name).__name__})."
+                f" Available: {', '.join(sorted(self._entries))}"
+            )
 
     def __contains__(self, name: str) -> bool:
         self.discover()

@@ -85,7 +85,7 @@ def test_one_slope_serves_every_head():
 
 
 def test_alibi_slopes():
-    from attnkit.mechanisms.lightning import alibi_slopes
+    from attnkit.ops.decay import alibi_slopes
 
     assert alibi_slopes(8) == [2.0 ** -(i + 1) for i in range(8)]
     assert alibi_slopes(4) == ALIBI_4

@@ -30,6 +30,7 @@ from torch import nn
 from ..errors import InvalidOption, ShapeError
 from ..inputs import AttentionInputs
 from ..mechanism import Complexity, Mechanism, Paper, Shape, fast_path, register_mechanism
+from ..ops.flops import causal_factor
 from ..ops.gqa import repeat_kv
 from ..ops.masking import masked_softmax, visibility
 from ..ops.reference import upcast_qkv
@@ -37,7 +38,6 @@ from ..ops.sdpa import masked_sdpa
 from ..options import check_float
 from ..patterns import Pattern
 from ..state import KVCache
-from .softmax import causal_factor
 
 
 @dataclass(frozen=True)

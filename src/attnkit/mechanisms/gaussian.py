@@ -29,13 +29,13 @@ from ..errors import ShapeError
 from ..inputs import AttentionInputs
 from ..mechanism import Complexity, Mechanism, Paper, Shape, fast_path, register_mechanism
 from ..ops._gaussian import causal_moments, quadratic_logit_attention
+from ..ops.flops import causal_factor
 from ..ops.gqa import repeat_kv
 from ..ops.masking import masked_softmax, visibility, visible_counts
 from ..ops.reference import compute_dtype, upcast_qkv
 from ..options import check_float
 from ..patterns import ALL_PATTERNS, Pattern
 from ..state import KVCache
-from .softmax import causal_factor
 
 LOG2E = math.log2(math.e)
 DIRECT_MAX_QUERIES = 16  # calls with at most this many queries (decoding) take the scores in one piece
@@ -48,9 +48,11 @@ class GaussianOptions:
     eps: float = 1e-8  # added to the row variance before dividing
 
     def __post_init__(self):
-        check_float("gaussian", "init_offset", self.init_offset)
-        check_float("gaussian", "init_scale", self.init_scale, positive=True)
-        check_float("gaussian", "eps", self.eps, positive=True)
+        # outside these ranges (x_norm - delta / sqrt(eps))^2 / (2 c^2) or 2 c^2 (var + eps) leave fp32's range,
+        # and every weight of a row is -inf or NaN: all outputs NaN
+        check_float("gaussian", "init_offset", self.init_offset, within=(-1e4, 1e4))
+        check_float("gaussian", "init_scale", self.init_scale, within=(1e-6, 1e6))
+        check_float("gaussian", "eps", self.eps, within=(1e-12, 1e4))
 
 
 @register_mechanism("gaussian")

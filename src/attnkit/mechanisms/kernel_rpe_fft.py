@@ -37,6 +37,7 @@ from ..errors import InvalidOption, ShapeError
 from ..inputs import AttentionInputs
 from ..mechanism import Complexity, Mechanism, Paper, Shape, fast_path, register_mechanism
 from ..ops.chunked import causal_linear_scan
+from ..ops.decay import alibi_slopes
 from ..ops.feature_maps import orthogonal_gaussian, positive_random_features
 from ..ops.gqa import group_queries, repeat_kv
 from ..ops.masking import visibility, visible_counts
@@ -44,7 +45,6 @@ from ..ops.reference import compute_dtype
 from ..options import MAX_SEED, check_choice, check_float, check_int
 from ..patterns import Pattern
 from ..state import KVCache
-from .lightning import alibi_slopes
 
 DIRECT_MAX_QUERIES = 64  # up to this many queries (decoding steps, short chunks) the T x T form is cheaper
 FFT_BUDGET = 1 << 24  # elements of one batch of FFT channels (128 MiB in fp64): bounds the working memory

@@ -24,9 +24,10 @@ import torch.nn.functional as F
 from ..errors import InvalidOption
 from ..inputs import AttentionInputs
 from ..mechanism import Complexity, Paper, register_mechanism
+from ..ops.decay import alibi_slopes, check_per_head, per_head
 from ..ops.feature_maps import FEATURE_MAPS
 from ..options import check_choice, check_int
-from .retention import HeadwiseDecay, check_per_head, per_head
+from ._decay_base import HeadwiseDecay
 
 # phi of q and k; TransNormerLLM uses swish, "identity" is the bare Lightning Attention-2 kernel
 ACTIVATIONS = {"silu": F.silu, **FEATURE_MAPS}
@@ -51,16 +52,6 @@ class LightningOptions:
         if self.layer >= self.layers:
             raise InvalidOption(f"lightning option layer={self.layer} is not valid; expected 0 <= layer < layers")
         check_int("lightning", "block_size", self.block_size)
-
-
-def alibi_slopes(heads: int) -> list[float]:
-    """ALiBi's head slopes: the geometric sequence 2^(-8(h+1)/H) when H is a power of two; otherwise
-    those of the power of two below H, then every other slope of the power of two above it."""
-    if math.log2(heads).is_integer():
-        start = 2.0 ** (-8.0 / heads)
-        return [start ** (h + 1) for h in range(heads)]
-    below = 2 ** math.floor(math.log2(heads))
-    return alibi_slopes(below) + alibi_slopes(2 * below)[0::2][: heads - below]
 
 
 @register_mechanism("lightning")

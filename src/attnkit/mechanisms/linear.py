@@ -32,7 +32,7 @@ class LinearOptions:
 
     def __post_init__(self):
         check_choice("linear", "feature_map", self.feature_map, tuple(FEATURE_MAPS))
-        check_float("linear", "eps", self.eps)
+        check_float("linear", "eps", self.eps, positive=True)
         check_int("linear", "chunk_size", self.chunk_size)
 
 

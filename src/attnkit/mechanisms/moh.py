@@ -29,13 +29,13 @@ from torch import nn
 from ..errors import InvalidOption, ShapeError
 from ..inputs import AttentionInputs
 from ..mechanism import Complexity, Mechanism, Paper, Shape, fast_path, register_mechanism
+from ..ops.flops import causal_factor
 from ..ops.masking import masked_softmax, visibility
 from ..ops.reference import compute_dtype, upcast_qkv
 from ..ops.sdpa import masked_sdpa
 from ..options import check_int
 from ..patterns import ALL_PATTERNS, Pattern
 from ..state import KVCache
-from .softmax import causal_factor
 
 # Measured on the 2-core CPU (B=1, H=8, D=64, 4 shared + top-2 of 4 routed heads, fp32, one thread): at T = 4096
 # gather takes 0.79 of SDPA's time noncausal (dense 1.02), but 1.04 causal (dense 1.01: a masked SDPA call over

@@ -17,6 +17,7 @@ import torch
 from ..inputs import AttentionInputs
 from ..kernels.triton import triton_reasons
 from ..mechanism import Complexity, Mechanism, Paper, Shape, fast_path, register_mechanism
+from ..ops.flops import causal_factor
 from ..ops.gqa import repeat_kv
 from ..ops.masking import visibility, visible_counts
 from ..ops.reference import compute_dtype, upcast_qkv
@@ -24,7 +25,6 @@ from ..ops.tiled_sigmoid import tiled_sigmoid_attention
 from ..options import check_float
 from ..patterns import ALL_PATTERNS, Pattern
 from ..state import KVCache
-from .softmax import causal_factor
 
 
 @dataclass(frozen=True)

@@ -10,15 +10,11 @@ from __future__ import annotations
 
 from ..inputs import AttentionInputs
 from ..mechanism import Complexity, Mechanism, Paper, Shape, fast_path, register_mechanism
+from ..ops.flops import causal_factor
 from ..ops.reference import dense_softmax_attention
 from ..ops.sdpa import masked_sdpa
 from ..patterns import ALL_PATTERNS, Pattern
 from ..state import KVCache
-
-
-def causal_factor(shape: Shape, pattern: Pattern) -> float:
-    """Share of (query, key) pairs a causal call computes, ~1/2 (FlashAttention's FLOP convention)."""
-    return 0.5 if pattern is Pattern.CAUSAL_SELF else 1.0
 
 
 @register_mechanism("softmax")

@@ -26,6 +26,7 @@ import torch
 from ..errors import InvalidOption, ShapeError
 from ..inputs import AttentionInputs
 from ..mechanism import Complexity, Mechanism, Paper, Shape, fast_path, register_mechanism
+from ..ops.flops import causal_factor
 from ..ops.gqa import repeat_kv
 from ..ops.masking import masked_softmax, visibility
 from ..ops.reference import compute_dtype
@@ -33,7 +34,6 @@ from ..ops.sdpa import masked_sdpa
 from ..options import check_int
 from ..patterns import ALL_PATTERNS, Pattern
 from ..state import KVCache
-from .softmax import causal_factor
 
 
 @dataclass(frozen=True)

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from typing import Any
 
 import torch
 from torch import nn
 
 from ..api import create
-from ..errors import InvalidOption, ShapeError
+from ..errors import DTypeError, InvalidOption, ShapeError
 from ..inputs import check_pattern
+from ..mechanism import REGISTRY
 from ..ops.rope import apply_rope
+from ..options import MAX_HEAD_DIM, MAX_HEADS, MAX_WIDTH, check_size
 from ..patterns import Pattern, as_pattern
 from ..state import State
 
@@ -23,15 +27,17 @@ class Attention(nn.Module):
         heads: the model's heads (they set ``head_dim``).
         kv_heads: key/value heads (GQA/MQA); must divide the query heads. Default: the query heads.
         head_dim: per-head width. Default: ``dim // heads``.
-        query_heads: Sparse Query Attention (Filipek, 2025, arXiv:2510.01817): compute only this many
-            query heads (projections and attention FLOPs x ``query_heads / heads``). Default: ``heads``.
+        sparse_query_heads: Sparse Query Attention (Filipek, 2025, arXiv:2510.01817) in the layer: compute
+            only this many query heads (projections and attention FLOPs x ``sparse_query_heads / heads``).
+            Default: ``heads``. (The ``sqa`` mechanism's ``query_heads`` option does it inside attention.)
         mechanism: registered mechanism name (``attnkit list``).
         pattern: the attention pattern; cross patterns read keys and values from ``context``.
         rope: rotary position embedding on queries and keys (self patterns only: cross attention
             has no shared positions).
         context_dim: width of ``context`` for cross patterns. Default: ``dim``.
-        bias: whether the projections have a bias.
-        **options: the mechanism's options.
+        proj_bias: whether the projections have a bias.
+        **options: the mechanism's options. None is named like an argument above (a registered mechanism
+            whose option is gets refused as ambiguous when that argument is given).
     """
 
     def __init__(
@@ -46,17 +52,32 @@ class Attention(nn.Module):
         rope: bool = False,
         rope_base: float = 10000.0,
         context_dim: int | None = None,
-        bias: bool = False,
-        query_heads: int | None = None,
+        proj_bias: bool = False,
+        sparse_query_heads: int | None = None,
         **options: Any,
     ):
         super().__init__()
+        given = {name: value for name, value in locals().items() if name in _DEFAULTS}
+        _refuse_ambiguous(mechanism, given)
         self.pattern = as_pattern(pattern)
-        head_dim = head_dim or dim // heads
-        if query_heads is not None and not 1 <= query_heads <= heads:
-            raise InvalidOption(f"query_heads={query_heads} must be between 1 and heads={heads}")
-        heads = query_heads or heads  # the query heads actually computed
-        kv_heads = kv_heads or heads
+        check_size("Attention: dim", dim, MAX_WIDTH)
+        check_size("Attention: heads", heads, MAX_HEADS)
+        for label, value, top in (
+            ("kv_heads", kv_heads, MAX_HEADS),
+            ("head_dim", head_dim, MAX_HEAD_DIM),
+            ("context_dim", context_dim, MAX_WIDTH),
+        ):
+            if value is not None:
+                check_size(f"Attention: {label}", value, top)
+        if sparse_query_heads is not None and (
+            isinstance(sparse_query_heads, bool)
+            or not isinstance(sparse_query_heads, int)
+            or not 1 <= sparse_query_heads <= heads
+        ):
+            raise InvalidOption(f"sparse_query_heads={sparse_query_heads!r} must be between 1 and heads={heads}")
+        head_dim = dim // heads if head_dim is None else head_dim
+        heads = sparse_query_heads or heads  # the query heads actually computed
+        kv_heads = heads if kv_heads is None else kv_heads
         if heads % kv_heads:
             raise InvalidOption(f"query heads ({heads}) must be a multiple of kv_heads={kv_heads}")
         if head_dim < 1:
@@ -67,13 +88,29 @@ class Attention(nn.Module):
             raise InvalidOption(f"rope=True needs an even head_dim; got {head_dim}")
         self.dim, self.heads, self.kv_heads, self.head_dim = dim, heads, kv_heads, head_dim
         self.rope, self.rope_base = rope, rope_base
-        context_dim = context_dim or dim
-        self.q_proj = nn.Linear(dim, heads * head_dim, bias=bias)
-        self.k_proj = nn.Linear(context_dim, kv_heads * head_dim, bias=bias)
-        self.v_proj = nn.Linear(context_dim, kv_heads * head_dim, bias=bias)
-        self.o_proj = nn.Linear(heads * head_dim, dim, bias=bias)
+        self.context_dim = context_dim = context_dim or dim
+        self.q_proj = nn.Linear(dim, heads * head_dim, bias=proj_bias)
+        self.k_proj = nn.Linear(context_dim, kv_heads * head_dim, bias=proj_bias)
+        self.v_proj = nn.Linear(context_dim, kv_heads * head_dim, bias=proj_bias)
+        self.o_proj = nn.Linear(heads * head_dim, dim, bias=proj_bias)
         self.mechanism = create(mechanism, heads=heads, head_dim=head_dim, **options)
         check_pattern(self.mechanism, self.pattern)
+
+    def _check_input(self, label: str, t: object, width: int, batch: int | None = None) -> None:
+        """``t`` must be a ``[B, T, width]`` tensor with the projections' dtype and device (and x's batch)."""
+        w = self.q_proj.weight
+        if not isinstance(t, torch.Tensor):
+            raise DTypeError(f"{label} must be a torch.Tensor [B, T, {width}]; got {type(t).__name__}")
+        if t.dim() != 3 or t.shape[-1] != width:
+            layout = "[B, T, " if label == "x" else "[B, S, "
+            raise ShapeError(f"{label} must be {layout}{width}]; got shape {tuple(t.shape)}")
+        if batch is not None and t.shape[0] != batch:
+            raise ShapeError(f"{label} has batch size {t.shape[0]} but x has {batch}")
+        if t.dtype != w.dtype or t.device != w.device:
+            raise DTypeError(
+                f"{label} is {t.dtype} on {t.device} but the layer's parameters are {w.dtype} on {w.device};"
+                " cast one to the other (layer.to(...) or x.to(...))"
+            )
 
     def forward(
         self,
@@ -89,12 +126,13 @@ class Attention(nn.Module):
         ``key_padding_mask [B, T or S]`` marks real tokens of whatever keys come from. With
         ``return_state=True`` returns ``(y, state)``; feed the state back to decode further tokens.
         """
-        if x.dim() != 3 or x.shape[-1] != self.dim:
-            raise ShapeError(f"x must be [B, T, {self.dim}]; got shape {tuple(x.shape)}")
+        self._check_input("x", x, self.dim)
         if self.pattern.is_self and context is not None:
             raise InvalidOption(f"pattern {self.pattern.value} attends within x; pass no context")
         if not self.pattern.is_self and context is None:
             raise InvalidOption(f"pattern {self.pattern.value} needs context= (the sequence to attend to)")
+        if context is not None:
+            self._check_input("context", context, self.context_dim, batch=x.shape[0])
         src = x if context is None else context
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.heads, self.head_dim)
@@ -116,3 +154,25 @@ class Attention(nn.Module):
         out, new_state = res if return_state else (res, None)
         y = self.o_proj(out.reshape(b, t, self.heads * self.head_dim))
         return (y, new_state) if return_state else y
+
+
+# the layer's own arguments and their defaults (what a mechanism option must not be named)
+_DEFAULTS = {
+    p.name: p.default
+    for p in inspect.signature(Attention.__init__).parameters.values()
+    if p.name != "self" and p.kind is not p.VAR_KEYWORD
+}
+
+
+def _refuse_ambiguous(mechanism: object, given: dict[str, Any]) -> None:
+    """A layer argument given a value while the mechanism has an option of the same name: which is meant
+    cannot be told, so say so rather than keep it for the layer and leave the mechanism at its default."""
+    if not isinstance(mechanism, str) or mechanism not in REGISTRY:
+        return  # create() reports it
+    options = {f.name for f in dataclasses.fields(REGISTRY.get(mechanism).Options)}
+    for name in sorted(options & set(_DEFAULTS)):
+        if given[name] != _DEFAULTS[name]:
+            raise InvalidOption(
+                f"Attention argument {name}={given[name]!r} is ambiguous: mechanism {mechanism!r} has an option"
+                f" {name!r} too, and the layer cannot tell which is meant. Rename the mechanism's option."
+            )
