@@ -147,7 +147,7 @@ def validate(
             raise DTypeError(f"key_padding_mask is on {key_padding_mask.device} but k is on {k.device}")
 
     if state is not None or return_state:
-        _check_state(mech, pattern, k, v, state)
+        _check_state(mech, pattern, q, k, v, state)
 
     if scale is None:
         scale = 1.0 / math.sqrt(dk)
@@ -177,7 +177,9 @@ def check_pattern(mech: Mechanism | type[Mechanism], pattern: Pattern) -> None:
         raise UnsupportedPattern(f"{mech.name} does not support pattern {pattern.value}; it supports: {supported}")
 
 
-def _check_state(mech: Mechanism, pattern: Pattern, k: torch.Tensor, v: torch.Tensor, state: State | None) -> None:
+def _check_state(
+    mech: Mechanism, pattern: Pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: State | None
+) -> None:
     if mech.state_kind is None:
         raise InvalidOption(f"{mech.name} has no decoding state; call it without state= and return_state=")
     if pattern is not Pattern.CAUSAL_SELF:
@@ -188,7 +190,13 @@ def _check_state(mech: Mechanism, pattern: Pattern, k: torch.Tensor, v: torch.Te
     if state is None:
         return
     if not isinstance(state, mech.state_kind):
-        raise InvalidOption(f"{mech.name} expects a {mech.state_kind.__name__} state; got {type(state).__name__}")
+        made = getattr(state, "made_by", None)
+        maker = f" made by {made.describe()}" if made is not None else ""
+        raise InvalidOption(
+            f"{mech.name} expects a {mech.state_kind.__name__} state; got a {type(state).__name__}{maker}"
+        )
+    # provenance: the same mechanism and options, the same sizes (the one place this is checked)
+    state.check_continued_by(mech.provenance(q.shape[0], q.shape[2], k.shape[2], k.shape[3], v.shape[3]))
     mech.check_state(state, k, v)
 
 

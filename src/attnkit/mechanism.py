@@ -8,6 +8,7 @@ decorated with ``@fast_path("algorithm")``, each saying which inputs it cannot t
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import threading
@@ -23,7 +24,7 @@ from .inputs import AttentionInputs, validate
 from .options import NoOptions, parse_options
 from .patterns import Pattern
 from .registry import Registry
-from .state import KVCache, RecurrentState, State, WindowCache
+from .state import KVCache, Provenance, RecurrentState, State, WindowCache
 
 log = logging.getLogger(__name__)
 
@@ -247,13 +248,14 @@ class Mechanism(nn.Module):
             spatial_shape=spatial_shape,
         )
         self.check_call(x)
+        made_by = self.provenance(x.batch, x.heads, x.kv_heads, x.k.shape[-1], x.v.shape[-1]) if return_state else None
         x, cache = self.join_cache(x)
         run = self._choose_path(path, x)
         out, new_state = run(self, x)
         self.last_path = _last.path = run.name if isinstance(run, FastPath) else "reference"
-        if cache is not None:
-            new_state = cache
-        return (out, new_state) if return_state else out
+        if not return_state:
+            return out
+        return out, dataclasses.replace(new_state if cache is None else cache, made_by=made_by)
 
     def check_call(self, x: AttentionInputs) -> None:
         """Mechanism-specific checks of validated inputs (e.g. head counts of trainable ones)."""
@@ -293,8 +295,23 @@ class Mechanism(nn.Module):
 
     # ---- state --------------------------------------------------------------------------------------
 
+    def provenance(self, batch: int, heads: int | None, kv_heads: int, dk: int, dv: int) -> Provenance:
+        """The record of what makes a state in a call of these sizes (``heads`` None: not known yet)."""
+        return Provenance(self.name, self.state_options(), (batch, heads, kv_heads, dk, dv))
+
+    def state_options(self) -> Any:
+        """The options as this instance applies them; a mechanism that resolves an option at create (a
+        random seed drawn when none was given) returns them resolved, so its states name what made them."""
+        return self.options
+
     def init_state(self, batch: int, kv_heads: int, dk: int, dv: int, *, device=None, dtype=torch.float32) -> State:
-        """The empty state a sequence starts from."""
+        """The empty state a sequence starts from, recording this mechanism as its maker (q's heads are
+        not known here: the first call fills them in). Mechanisms override ``empty_state``."""
+        state = self.empty_state(batch, kv_heads, dk, dv, device=device, dtype=dtype)
+        return dataclasses.replace(state, made_by=self.provenance(batch, None, kv_heads, dk, dv))
+
+    def empty_state(self, batch: int, kv_heads: int, dk: int, dv: int, *, device=None, dtype=torch.float32) -> State:
+        """The empty state of this mechanism (``init_state`` adds its provenance)."""
         kind = self.state_kind
         if kind is None:
             raise AttnkitError(f"{self.name} has no decoding state")

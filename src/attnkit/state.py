@@ -6,24 +6,86 @@ Three kinds (DESIGN §1.4):
 - ``RecurrentState``: a fixed-size summary (linear and decay family).
 
 Every state knows ``offset``, the number of tokens it has consumed, so a layer can place rotary
-positions of the next chunk. States are values: a call returns a new state and never changes what
-the state it was given holds. (Outside autograd, KV caches append into a shared preallocated buffer
-so that decoding a token does not copy the whole cache; rows a state can see are never rewritten.)
+positions of the next chunk, and ``made_by``, the :class:`Provenance` of the calls that made it
+(mechanism, options, sizes): a state continues only their sequence (checked in ``inputs.validate``).
+States are values: a call returns a new state and never changes what the state it was given holds.
+(Outside autograd, KV caches append into a shared preallocated buffer so that decoding a token does
+not copy the whole cache; rows a state can see are never rewritten.)
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from .errors import ShapeError
+from .errors import InvalidOption, ShapeError
+
+SIZE_NAMES = ("batch", "heads", "kv_heads", "dk", "dv")  # the sizes a Provenance records
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """What made a state: the mechanism's name, all its options (as the instance applies them, e.g. a
+    seed drawn at create filled in) and the sizes ``(batch, heads, kv_heads, dk, dv)`` of the calls.
+
+    Parameters of trainable mechanisms are not part of it: two instances with the same options are the
+    same maker (which weights continue a sequence is the caller's business, as with any model state).
+    A size of None is not known yet (``init_state`` does not see q's heads) and matches any call.
+    """
+
+    mechanism: str
+    options: Any  # the mechanism's frozen options dataclass, compared by value
+    sizes: tuple[int | None, ...]  # (batch, heads, kv_heads, dk, dv)
+
+    def describe(self) -> str:
+        """``name(option=value, ...)``."""
+        return f"{self.mechanism}(" + ", ".join(f"{n}={v!r}" for n, v in _fields(self.options).items()) + ")"
+
+    def check_continued_by(self, call: Provenance) -> None:
+        """Raise InvalidOption (another mechanism or options) or ShapeError (other sizes) unless ``call``
+        may continue the sequence this provenance describes."""
+        if (self.mechanism, self.options) != (call.mechanism, call.options):
+            differ = ""
+            if self.mechanism == call.mechanism:
+                mine, theirs = _fields(self.options), _fields(call.options)
+                changed = [f"{n}={mine[n]!r} in the state, {n}={theirs[n]!r} in this call" for n in mine
+                           if mine[n] != theirs.get(n)]  # fmt: skip
+                differ = f" (options differ: {'; '.join(changed)})"
+            raise InvalidOption(
+                f"the state was made by {self.describe()} and cannot continue a sequence of "
+                f"{call.describe()}{differ}; start from state=None (or mech.init_state(...)) for this mechanism"
+            )
+        if any(a is not None and b is not None and a != b for a, b in zip(self.sizes, call.sizes, strict=True)):
+            names = ", ".join(SIZE_NAMES)
+            shown = tuple("?" if s is None else s for s in self.sizes)
+            raise ShapeError(
+                f"state does not fit the inputs: it was made for ({names}) = ({', '.join(map(str, shown))}), "
+                f"the call has {tuple(call.sizes)}"
+            )
+
+
+def _fields(options: Any) -> dict[str, Any]:
+    if not dataclasses.is_dataclass(options):
+        return {}
+    return {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
 
 
 @dataclass(frozen=True)
 class State:
     offset: int  # tokens consumed so far
+    made_by: Provenance | None = field(default=None, kw_only=True)  # set by the mechanism that returns it
+
+    def check_continued_by(self, call: Provenance) -> None:
+        """Raise unless this state may continue a sequence in the call described by ``call``."""
+        if self.made_by is None:
+            raise InvalidOption(
+                f"this {type(self).__name__} records no maker (was it built by hand?), so it cannot be checked "
+                f"against {call.describe()}; make states with mech.init_state(...) or return_state=True"
+            )
+        self.made_by.check_continued_by(call)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {
