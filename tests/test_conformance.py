@@ -181,9 +181,33 @@ def test_chunked_state_equals_full_call(item, masked, autograd):
     assert type(state) is type(ref_state)
     for name, ref_t in ref_state.tensors().items():
         assert_close(f"state.{name}", ref_t.detach(), state.tensors()[name].detach(), tol)
-    if not masked:
+    if not masked:  # the formula counts the state's tensors; nbytes adds a KV cache's room to grow
         shape = Shape(B, t, t, HQ, HKV, d, d)
-        assert state.nbytes == mech.state_bytes(shape, q.dtype)
+        assert sum(x.nbytes for x in state.tensors().values()) == mech.state_bytes(shape, q.dtype)
+        assert state.nbytes >= mech.state_bytes(shape, q.dtype)
+
+
+@pytest.mark.parametrize("autograd", [True, False], ids=["grad", "nograd"])
+@pytest.mark.parametrize("case", [c for c in CASES if c.cls.state_kind is not None], ids=lambda c: c.label)
+def test_state_nbytes_is_the_memory_it_holds(case, autograd):
+    """``nbytes`` counts every storage the state's tensors keep alive (a KV cache's room to grow included),
+    and a state keeps no per-token tensor of the calls that made it alive: only its own tensors, plus, for a
+    KV cache, room that grows with the tokens seen (at most a quarter more rows, or 64)."""
+    t, d = 60, 16
+    mech = case.build(HQ, d)
+    q, k, v = make_qkv(B, t + 1, t + 1, HQ, HKV, d, requires_grad=autograd)
+    with torch.set_grad_enabled(autograd):
+        _, prefilled = mech(q[:, :t], k[:, :t], v[:, :t], pattern="causal_self", return_state=True)
+        _, stepped = mech(q[:, t:], k[:, t:], v[:, t:], pattern="causal_self", state=prefilled, return_state=True)
+    for when, st in (("prefill", prefilled), ("step", stepped)):
+        storages = {x.untyped_storage().data_ptr(): x.untyped_storage().nbytes() for x in st.tensors().values()}
+        held, own = sum(storages.values()), sum(x.nbytes for x in st.tensors().values())
+        assert st.nbytes == held, f"{when}: nbytes {st.nbytes}, but the state keeps {held} bytes alive"
+        if isinstance(st, KVCache):
+            row = own / st.length
+            assert held <= 1.25 * (st.length + 1) * row + 64 * row, f"{when}: {held / row:.0f} rows for {st.length}"
+        else:
+            assert held == own, f"{when}: the state keeps {held} bytes alive for {own} bytes of its own"
 
 
 @pytest.mark.parametrize("item", GRID, ids=grid_id)

@@ -255,7 +255,7 @@ class Mechanism(nn.Module):
         self.last_path = _last.path = run.name if isinstance(run, FastPath) else "reference"
         if not return_state:
             return out
-        return out, dataclasses.replace(new_state if cache is None else cache, made_by=made_by)
+        return out, (new_state if cache is None else cache).as_returned(made_by)
 
     def check_call(self, x: AttentionInputs) -> None:
         """Mechanism-specific checks of validated inputs (e.g. head counts of trainable ones)."""
@@ -370,7 +370,8 @@ class Mechanism(nn.Module):
         raise NotImplementedError
 
     def state_bytes(self, shape: Shape, dtype: torch.dtype = torch.float32) -> int:
-        """Bytes of decoding state after ``shape.tk`` tokens (0 for mechanisms without state)."""
+        """Bytes of the decoding state's tensors after ``shape.tk`` tokens (0 for mechanisms without state);
+        a KV cache's ``nbytes`` adds the room to grow of the buffer they are views of."""
         kind = self.state_kind
         if kind is None:
             return 0

@@ -96,8 +96,31 @@ class State:
 
     @property
     def nbytes(self) -> int:
-        """Memory held by the state's tensors."""
-        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+        """Memory the state holds: the storage of its tensors, each storage counted once (a KV cache's
+        tensors are views into a buffer with room to grow: the whole buffer counts)."""
+        held = {}
+        for t in self.tensors().values():
+            storage = t.untyped_storage()
+            held[storage.data_ptr() or id(t)] = storage.nbytes()  # no data pointer (meta, empty): its own
+        return sum(held.values())
+
+    def as_returned(self, made_by: Provenance) -> State:
+        """This state as a call returns it: stamped with its provenance, and with every tensor that is a
+        view into a larger storage (the last row of a per-token tensor, say) copied out, so that the state
+        keeps no memory alive beyond its own tensors."""
+        groups: dict[int, list[str]] = {}
+        for name, t in self.tensors().items():
+            groups.setdefault(t.untyped_storage().data_ptr() or id(t), []).append(name)
+        copies = {}
+        for names in groups.values() if self._compactable() else ():
+            views = [getattr(self, n) for n in names]
+            if sum(t.nbytes for t in views) < views[0].untyped_storage().nbytes():
+                copies.update({n: t.clone() for n, t in zip(names, views, strict=True)})
+        return dataclasses.replace(self, made_by=made_by, **copies)
+
+    def _compactable(self) -> bool:
+        """Whether ``as_returned`` may copy tensors out of larger storage (not a KV cache's growing buffer)."""
+        return True
 
     def check_fits(self, layout: str, got: tuple[int, ...], want: tuple[int, ...], device: torch.device) -> None:
         """Raise ShapeError unless the dims ``got`` this state holds (named by ``layout``, e.g. "batch, heads,
@@ -186,19 +209,26 @@ class KVCache(State):
     def _standalone(self) -> dict:
         return {"_buffer": None, "_start": 0}
 
+    def _compactable(self) -> bool:
+        return self._buffer is None
+
     def extend(
         self, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None, keep: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, KVCache]:
         """Append new keys; return all keys, values, mask and the next cache (last ``keep`` keys)."""
         tracked = torch.is_grad_enabled() and any(t.requires_grad for t in (k, v, self.k, self.v))
-        if tracked:  # autograd must see a fresh tensor: concatenate
-            return self._extend_by_copy(k, v, key_mask, keep)
         past, n = self.length, k.shape[1]
+        # autograd must see a fresh tensor; a chunk longer than a bounded cache keeps would leave a buffer
+        # of the whole chunk behind: concatenate (the caller copies the kept rows out, State.as_returned)
+        if tracked or (keep is not None and n > keep):
+            return self._extend_by_copy(k, v, key_mask, keep)
         buf, end = self._buffer, self._start + self.length
         if buf is None or buf.fill != end or end + n > buf.capacity or not buf.fits(k, v):
-            # fresh storage with room to grow: the live rows are copied once, later steps append in place
+            # fresh storage with room to grow: the live rows are copied once, later steps append in place.
+            # The room follows the rows actually held (a quarter more, at least 64: a copy of the live rows
+            # every >= 64 steps), never the window of a bounded cache, which may be far larger than the text.
             live = past if keep is None else min(past, keep)
-            room = 2 * (live + n) + 64 if keep is None else 2 * (keep + n) + 64
+            room = live + n + max(64, (live + n) // 4)
             masked = self.key_mask is not None or key_mask is not None
             buf = _KVBuffer(k, v, room, masked)
             buf.k[:, :live] = self.k[:, past - live :]
