@@ -33,6 +33,10 @@ STATE_GRID = [
     if case.cls.state_kind is not None
     for path in ["reference"] + [p for c, pat, p in GRID if c == case and pat is Pattern.CAUSAL_SELF]
 ]
+# every path, the reference included
+PATH_GRID = [
+    (case, pattern, "reference") for case in CASES for pattern in sorted(case.cls.patterns, key=lambda p: p.value)
+] + GRID
 B, HQ, HKV = 2, 4, 2
 # (Tq, Tk, D): odd lengths, two head dims; cross shapes have Tq != Tk in both directions
 SELF_SHAPES = [(1, 1, 24), (7, 7, 64), (63, 63, 24), (200, 200, 64)]
@@ -238,6 +242,31 @@ def test_key_padding(item):
     assert out[1].abs().max() == 0, "a query that sees no real key must output zeros"
     grads = torch.autograd.grad(out.sum(), (qp, kp, vp), allow_unused=True)
     assert all(gr is None or torch.isfinite(gr).all() for gr in grads), "non-finite gradients"
+
+
+@pytest.mark.parametrize("item", PATH_GRID, ids=grid_id)
+def test_non_finite_padded_keys_change_nothing(item):
+    """NaN and Inf in padded key and value rows give the output (and input gradients) that zeros there give:
+    a padded position contributes nothing, whatever it holds (0 * NaN is NaN: masking must select, not
+    multiply). Queries are not masked by the contract, so q stays finite."""
+    case, pattern, path = item
+    tq, tk, d = 12, 12 if pattern.is_self else 9, 16
+    mech = case.build(HQ, d)
+    q, k, v = make_qkv(B, tq, tk, HQ, HKV, d)
+    kpm = torch.ones(B, tk, dtype=torch.bool)
+    kpm[0, 2], kpm[0, 5], kpm[1, -3:] = False, False, False
+    pad = ~kpm[:, :, None, None]
+    zero_k, zero_v = k.masked_fill(pad, 0.0), v.masked_fill(pad, 0.0)
+    poison = torch.tensor([float("nan"), float("inf"), float("-inf")]).repeat(d)[:d]  # per row: NaN, inf, -inf, ...
+    bad_k = torch.where(pad, poison, k).requires_grad_(True)
+    bad_v = torch.where(pad, poison.flip(0), v).requires_grad_(True)
+    q.requires_grad_(True)
+
+    expected = mech(q, zero_k, zero_v, pattern=pattern, key_padding_mask=kpm, path=path)
+    got = mech(q, bad_k, bad_v, pattern=pattern, key_padding_mask=kpm, path=path)
+    assert_close("out", expected, got, 1e-6)
+    grads = torch.autograd.grad(got.sum(), (q, bad_k, bad_v), allow_unused=True)
+    assert all(g is None or torch.isfinite(g).all() for g in grads), "non-finite gradients"
 
 
 @pytest.mark.parametrize("item", GRID, ids=grid_id)

@@ -2,7 +2,8 @@
 
 All checks happen here, before any compute, for every path (DESIGN §1.6): a fast path never sees
 inputs that were not validated. The checks look only at shapes, dtypes and devices, never at
-values, so they cost microseconds and never synchronise a GPU.
+values, so they cost microseconds and never synchronise a GPU. One transform happens here too: the
+rows of padded keys are zeroed (``zero_padded``), so no path can pass on a NaN they hold.
 """
 
 from __future__ import annotations
@@ -157,6 +158,8 @@ def validate(
         check_scale(scale)
 
     spatial_shape = _check_spatial(mech, spatial_shape, tq)
+    if key_padding_mask is not None:
+        k, v = zero_padded(k, v, key_padding_mask)
     return AttentionInputs(
         q=q,
         k=k,
@@ -168,6 +171,15 @@ def validate(
         want_state=return_state,
         spatial_shape=spatial_shape,
     )
+
+
+def zero_padded(k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``k``, ``v`` with the rows of padded keys set to 0, by selection (``0 * NaN`` is NaN), before any path
+    runs: whatever a padded row holds (NaN, inf, garbage), no path and no state can pass it on. The output
+    does not depend on those rows, and their gradient is 0 accordingly. Queries are not touched."""
+    keep = key_padding_mask[:, :, None, None]  # [B, Tk, 1, 1]
+    zero = torch.zeros((), dtype=k.dtype, device=k.device)
+    return torch.where(keep, k, zero), torch.where(keep, v, zero)
 
 
 def check_pattern(mech: Mechanism | type[Mechanism], pattern: Pattern) -> None:
