@@ -269,6 +269,45 @@ def test_non_finite_padded_keys_change_nothing(item):
     assert all(g is None or torch.isfinite(g).all() for g in grads), "non-finite gradients"
 
 
+@pytest.mark.parametrize("item", PATH_GRID, ids=grid_id)
+def test_cpu_autocast_bf16(item):
+    """Under ``torch.autocast("cpu", dtype=torch.bfloat16)`` every mechanism and path runs forward and backward,
+    and attention behaves like the ops of autocast's lower-precision list, ``F.scaled_dot_product_attention``
+    among them: q, k, v are cast to the autocast dtype and the output is in that dtype (not q's fp32: DESIGN
+    §1.1's "the dtype of q" is the dtype attention runs in, which autocast chooses). Output and input gradients
+    are exactly those of the same call on bf16 inputs outside autocast (the gradients arrive in the inputs'
+    fp32). A backward pass run inside the autocast region runs too (PyTorch advises against it: autocast then
+    also lowers the fp32 matmuls of the backward, which e.g. softmax_free's Newton iterations amplify to ~0.3
+    relative error, so only finite fp32 gradients are asked of it; custom autograd functions, which crashed
+    there, run their backward with autocast off).
+    """
+    case, pattern, path = item
+    tq, tk, d = 8, 8 if pattern.is_self else 11, 16
+    mech = case.build(HQ, d)
+    q, k, v = make_qkv(B, tq, tk, HQ, HKV, d, requires_grad=True)
+    g = torch.randn(B, tq, HQ, d, generator=torch.Generator().manual_seed(5)).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = mech(q, k, v, pattern=pattern, path=path)
+        inside = torch.autograd.grad(out, (q, k, v), g, allow_unused=True, retain_graph=True)
+    assert out.dtype == torch.bfloat16, f"output is {out.dtype} under bf16 autocast"
+    grads = torch.autograd.grad(out, (q, k, v), g, allow_unused=True)
+
+    low = [t.detach().bfloat16().requires_grad_(True) for t in (q, k, v)]
+    expected = mech(*low, pattern=pattern, path=path)
+    expected_grads = torch.autograd.grad(expected, low, g, allow_unused=True)
+    assert_close("out", expected, out, 1e-6)
+    for name, want, got in zip(("dq", "dk", "dv"), expected_grads, grads, strict=True):
+        assert (want is None) == (got is None), f"{name}: a gradient on one side only"
+        if want is not None:
+            assert got.dtype == torch.float32, f"{name} is {got.dtype}; the input is fp32"
+            assert_close(name, want.float(), got, 1e-6)
+
+    for name, want, got in zip(("dq", "dk", "dv"), expected_grads, inside, strict=True):
+        assert (want is None) == (got is None), f"{name} (backward under autocast): a gradient on one side only"
+        if want is not None:
+            assert got.dtype == torch.float32 and torch.isfinite(got).all(), f"{name} (backward under autocast)"
+
+
 @pytest.mark.parametrize("item", GRID, ids=grid_id)
 def test_gqa_equals_repeated_kv(item):
     """Hq = 4 * Hkv gives what repeating each key/value head 4 times gives."""

@@ -21,6 +21,7 @@ from torch import nn
 
 from .errors import AttnkitError, InvalidOption, ShapeError, did_you_mean
 from .inputs import AttentionInputs, validate
+from .ops.amp import autocast_dtype, cast_floating
 from .options import NoOptions, parse_options
 from .patterns import Pattern
 from .registry import Registry
@@ -233,8 +234,19 @@ class Mechanism(nn.Module):
         """Attend ``q [B,Tq,Hq,Dk]`` to ``k [B,Tk,Hkv,Dk]``, ``v [B,Tk,Hkv,Dv]``; returns ``[B,Tq,Hq,Dv]``.
 
         With ``return_state=True`` returns ``(out, state)``; pass that state to the next call to
-        continue the sequence (causal_self only).
+        continue the sequence (causal_self only). Under ``torch.autocast`` q, k, v are cast to the
+        autocast dtype, which is the output's, as for ``F.scaled_dot_product_attention`` (``ops/amp.py``).
         """
+        call = dict(pattern=pattern, key_padding_mask=key_padding_mask, state=state, return_state=return_state,
+                    path=path, spatial_shape=spatial_shape, scale=scale)  # fmt: skip
+        amp = autocast_dtype(q)
+        if amp is None:
+            return self._attend(q, k, v, **call)
+        q, k, v = cast_floating(amp, q, k, v)
+        with torch.autocast(q.device.type, enabled=False):  # the mechanism runs as on inputs of that dtype
+            return self._attend(q, k, v, **call)
+
+    def _attend(self, q, k, v, *, pattern, key_padding_mask, state, return_state, path, spatial_shape, scale):
         x = validate(
             self,
             q,
