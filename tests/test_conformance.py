@@ -33,6 +33,10 @@ STATE_GRID = [
     if case.cls.state_kind is not None
     for path in ["reference"] + [p for c, pat, p in GRID if c == case and pat is Pattern.CAUSAL_SELF]
 ]
+# every path, the reference included
+PATH_GRID = [
+    (case, pattern, "reference") for case in CASES for pattern in sorted(case.cls.patterns, key=lambda p: p.value)
+] + GRID
 B, HQ, HKV = 2, 4, 2
 # (Tq, Tk, D): odd lengths, two head dims; cross shapes have Tq != Tk in both directions
 SELF_SHAPES = [(1, 1, 24), (7, 7, 64), (63, 63, 24), (200, 200, 64)]
@@ -181,9 +185,33 @@ def test_chunked_state_equals_full_call(item, masked, autograd):
     assert type(state) is type(ref_state)
     for name, ref_t in ref_state.tensors().items():
         assert_close(f"state.{name}", ref_t.detach(), state.tensors()[name].detach(), tol)
-    if not masked:
+    if not masked:  # the formula counts the state's tensors; nbytes adds a KV cache's room to grow
         shape = Shape(B, t, t, HQ, HKV, d, d)
-        assert state.nbytes == mech.state_bytes(shape, q.dtype)
+        assert sum(x.nbytes for x in state.tensors().values()) == mech.state_bytes(shape, q.dtype)
+        assert state.nbytes >= mech.state_bytes(shape, q.dtype)
+
+
+@pytest.mark.parametrize("autograd", [True, False], ids=["grad", "nograd"])
+@pytest.mark.parametrize("case", [c for c in CASES if c.cls.state_kind is not None], ids=lambda c: c.label)
+def test_state_nbytes_is_the_memory_it_holds(case, autograd):
+    """``nbytes`` counts every storage the state's tensors keep alive (a KV cache's room to grow included),
+    and a state keeps no per-token tensor of the calls that made it alive: only its own tensors, plus, for a
+    KV cache, room that grows with the tokens seen (at most a quarter more rows, or 64)."""
+    t, d = 60, 16
+    mech = case.build(HQ, d)
+    q, k, v = make_qkv(B, t + 1, t + 1, HQ, HKV, d, requires_grad=autograd)
+    with torch.set_grad_enabled(autograd):
+        _, prefilled = mech(q[:, :t], k[:, :t], v[:, :t], pattern="causal_self", return_state=True)
+        _, stepped = mech(q[:, t:], k[:, t:], v[:, t:], pattern="causal_self", state=prefilled, return_state=True)
+    for when, st in (("prefill", prefilled), ("step", stepped)):
+        storages = {x.untyped_storage().data_ptr(): x.untyped_storage().nbytes() for x in st.tensors().values()}
+        held, own = sum(storages.values()), sum(x.nbytes for x in st.tensors().values())
+        assert st.nbytes == held, f"{when}: nbytes {st.nbytes}, but the state keeps {held} bytes alive"
+        if isinstance(st, KVCache):
+            row = own / st.length
+            assert held <= 1.25 * (st.length + 1) * row + 64 * row, f"{when}: {held / row:.0f} rows for {st.length}"
+        else:
+            assert held == own, f"{when}: the state keeps {held} bytes alive for {own} bytes of its own"
 
 
 @pytest.mark.parametrize("item", GRID, ids=grid_id)
@@ -214,6 +242,70 @@ def test_key_padding(item):
     assert out[1].abs().max() == 0, "a query that sees no real key must output zeros"
     grads = torch.autograd.grad(out.sum(), (qp, kp, vp), allow_unused=True)
     assert all(gr is None or torch.isfinite(gr).all() for gr in grads), "non-finite gradients"
+
+
+@pytest.mark.parametrize("item", PATH_GRID, ids=grid_id)
+def test_non_finite_padded_keys_change_nothing(item):
+    """NaN and Inf in padded key and value rows give the output (and input gradients) that zeros there give:
+    a padded position contributes nothing, whatever it holds (0 * NaN is NaN: masking must select, not
+    multiply). Queries are not masked by the contract, so q stays finite."""
+    case, pattern, path = item
+    tq, tk, d = 12, 12 if pattern.is_self else 9, 16
+    mech = case.build(HQ, d)
+    q, k, v = make_qkv(B, tq, tk, HQ, HKV, d)
+    kpm = torch.ones(B, tk, dtype=torch.bool)
+    kpm[0, 2], kpm[0, 5], kpm[1, -3:] = False, False, False
+    pad = ~kpm[:, :, None, None]
+    zero_k, zero_v = k.masked_fill(pad, 0.0), v.masked_fill(pad, 0.0)
+    poison = torch.tensor([float("nan"), float("inf"), float("-inf")]).repeat(d)[:d]  # per row: NaN, inf, -inf, ...
+    bad_k = torch.where(pad, poison, k).requires_grad_(True)
+    bad_v = torch.where(pad, poison.flip(0), v).requires_grad_(True)
+    q.requires_grad_(True)
+
+    expected = mech(q, zero_k, zero_v, pattern=pattern, key_padding_mask=kpm, path=path)
+    got = mech(q, bad_k, bad_v, pattern=pattern, key_padding_mask=kpm, path=path)
+    assert_close("out", expected, got, 1e-6)
+    grads = torch.autograd.grad(got.sum(), (q, bad_k, bad_v), allow_unused=True)
+    assert all(g is None or torch.isfinite(g).all() for g in grads), "non-finite gradients"
+
+
+@pytest.mark.parametrize("item", PATH_GRID, ids=grid_id)
+def test_cpu_autocast_bf16(item):
+    """Under ``torch.autocast("cpu", dtype=torch.bfloat16)`` every mechanism and path runs forward and backward,
+    and attention behaves like the ops of autocast's lower-precision list, ``F.scaled_dot_product_attention``
+    among them: q, k, v are cast to the autocast dtype and the output is in that dtype (not q's fp32: DESIGN
+    §1.1's "the dtype of q" is the dtype attention runs in, which autocast chooses). Output and input gradients
+    are exactly those of the same call on bf16 inputs outside autocast (the gradients arrive in the inputs'
+    fp32). A backward pass run inside the autocast region runs too (PyTorch advises against it: autocast then
+    also lowers the fp32 matmuls of the backward, which e.g. softmax_free's Newton iterations amplify to ~0.3
+    relative error, so only finite fp32 gradients are asked of it; custom autograd functions, which crashed
+    there, run their backward with autocast off).
+    """
+    case, pattern, path = item
+    tq, tk, d = 8, 8 if pattern.is_self else 11, 16
+    mech = case.build(HQ, d)
+    q, k, v = make_qkv(B, tq, tk, HQ, HKV, d, requires_grad=True)
+    g = torch.randn(B, tq, HQ, d, generator=torch.Generator().manual_seed(5)).bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = mech(q, k, v, pattern=pattern, path=path)
+        inside = torch.autograd.grad(out, (q, k, v), g, allow_unused=True, retain_graph=True)
+    assert out.dtype == torch.bfloat16, f"output is {out.dtype} under bf16 autocast"
+    grads = torch.autograd.grad(out, (q, k, v), g, allow_unused=True)
+
+    low = [t.detach().bfloat16().requires_grad_(True) for t in (q, k, v)]
+    expected = mech(*low, pattern=pattern, path=path)
+    expected_grads = torch.autograd.grad(expected, low, g, allow_unused=True)
+    assert_close("out", expected, out, 1e-6)
+    for name, want, got in zip(("dq", "dk", "dv"), expected_grads, grads, strict=True):
+        assert (want is None) == (got is None), f"{name}: a gradient on one side only"
+        if want is not None:
+            assert got.dtype == torch.float32, f"{name} is {got.dtype}; the input is fp32"
+            assert_close(name, want.float(), got, 1e-6)
+
+    for name, want, got in zip(("dq", "dk", "dv"), expected_grads, inside, strict=True):
+        assert (want is None) == (got is None), f"{name} (backward under autocast): a gradient on one side only"
+        if want is not None:
+            assert got.dtype == torch.float32 and torch.isfinite(got).all(), f"{name} (backward under autocast)"
 
 
 @pytest.mark.parametrize("item", GRID, ids=grid_id)

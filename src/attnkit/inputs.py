@@ -2,7 +2,8 @@
 
 All checks happen here, before any compute, for every path (DESIGN §1.6): a fast path never sees
 inputs that were not validated. The checks look only at shapes, dtypes and devices, never at
-values, so they cost microseconds and never synchronise a GPU.
+values, so they cost microseconds and never synchronise a GPU. One transform happens here too: the
+rows of padded keys are zeroed (``zero_padded``), so no path can pass on a NaN they hold.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 
 from .errors import DTypeError, InvalidOption, ShapeError, UnsupportedPattern
 from .patterns import Pattern, as_pattern
-from .state import State
+from .state import Provenance, State
 
 
 class MechanismLike(Protocol):
@@ -30,6 +31,8 @@ class MechanismLike(Protocol):
     state_kind: type[State] | None
 
     def check_state(self, state: State, k: torch.Tensor, v: torch.Tensor) -> None: ...
+
+    def provenance(self, batch: int, heads: int | None, kv_heads: int, dk: int, dv: int) -> Provenance: ...
 
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
@@ -164,7 +167,7 @@ def validate(
             raise DTypeError(f"key_padding_mask is on {key_padding_mask.device} but k is on {k.device}")
 
     if state is not None or return_state:
-        _check_state(mech, pattern, k, v, state)
+        _check_state(mech, pattern, q, k, v, state)
 
     if scale is None:
         scale = 1.0 / math.sqrt(dk)
@@ -174,6 +177,8 @@ def validate(
         check_scale(scale)
 
     spatial_shape = _check_spatial(mech, spatial_shape, tq)
+    if key_padding_mask is not None:
+        k, v = zero_padded(k, v, key_padding_mask)
     return AttentionInputs(
         q=q,
         k=k,
@@ -187,6 +192,15 @@ def validate(
     )
 
 
+def zero_padded(k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``k``, ``v`` with the rows of padded keys set to 0, by selection (``0 * NaN`` is NaN), before any path
+    runs: whatever a padded row holds (NaN, inf, garbage), no path and no state can pass it on. The output
+    does not depend on those rows, and their gradient is 0 accordingly. Queries are not touched."""
+    keep = key_padding_mask[:, :, None, None]  # [B, Tk, 1, 1]
+    zero = torch.zeros((), dtype=k.dtype, device=k.device)
+    return torch.where(keep, k, zero), torch.where(keep, v, zero)
+
+
 def check_pattern(mech: MechanismLike | type[MechanismLike], pattern: Pattern) -> None:
     """Raise UnsupportedPattern naming the mechanism, the pattern and the patterns it does support."""
     if pattern not in mech.patterns:
@@ -194,7 +208,9 @@ def check_pattern(mech: MechanismLike | type[MechanismLike], pattern: Pattern) -
         raise UnsupportedPattern(f"{mech.name} does not support pattern {pattern.value}; it supports: {supported}")
 
 
-def _check_state(mech: MechanismLike, pattern: Pattern, k: torch.Tensor, v: torch.Tensor, state: State | None) -> None:
+def _check_state(
+    mech: MechanismLike, pattern: Pattern, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, state: State | None
+) -> None:
     if mech.state_kind is None:
         raise InvalidOption(f"{mech.name} has no decoding state; call it without state= and return_state=")
     if pattern is not Pattern.CAUSAL_SELF:
@@ -205,7 +221,13 @@ def _check_state(mech: MechanismLike, pattern: Pattern, k: torch.Tensor, v: torc
     if state is None:
         return
     if not isinstance(state, mech.state_kind):
-        raise InvalidOption(f"{mech.name} expects a {mech.state_kind.__name__} state; got {type(state).__name__}")
+        made = getattr(state, "made_by", None)
+        maker = f" made by {made.describe()}" if made is not None else ""
+        raise InvalidOption(
+            f"{mech.name} expects a {mech.state_kind.__name__} state; got a {type(state).__name__}{maker}"
+        )
+    # provenance: the same mechanism and options, the same sizes (the one place this is checked)
+    state.check_continued_by(mech.provenance(q.shape[0], q.shape[2], k.shape[2], k.shape[3], v.shape[3]))
     mech.check_state(state, k, v)
 
 

@@ -22,10 +22,11 @@ from torch import nn
 
 from .errors import AttnkitError, InvalidOption, ReferenceFallbackWarning, ShapeError, did_you_mean
 from .inputs import AttentionInputs, validate
+from .ops.amp import autocast_dtype, cast_floating
 from .options import MAX_HEAD_DIM, MAX_HEADS, NoOptions, check_size, parse_options
 from .patterns import Pattern
 from .registry import Registry
-from .state import KVCache, RecurrentState, State, WindowCache
+from .state import KVCache, Provenance, RecurrentState, State, WindowCache
 
 log = logging.getLogger(__name__)
 
@@ -261,9 +262,20 @@ class Mechanism(nn.Module):
         """Attend ``q [B,Tq,Hq,Dk]`` to ``k [B,Tk,Hkv,Dk]``, ``v [B,Tk,Hkv,Dv]``; returns ``[B,Tq,Hq,Dv]``.
 
         With ``return_state=True`` returns ``(out, state)``; pass that state to the next call to
-        continue the sequence (causal_self only).
+        continue the sequence (causal_self only). Under ``torch.autocast`` q, k, v are cast to the
+        autocast dtype, which is the output's, as for ``F.scaled_dot_product_attention`` (``ops/amp.py``).
         """
         self._check_path(path)
+        call = dict(pattern=pattern, key_padding_mask=key_padding_mask, state=state, return_state=return_state,
+                    path=path, spatial_shape=spatial_shape, scale=scale)  # fmt: skip
+        amp = autocast_dtype(q)
+        if amp is None:
+            return self._attend(q, k, v, **call)
+        q, k, v = cast_floating(amp, q, k, v)
+        with torch.autocast(q.device.type, enabled=False):  # the mechanism runs as on inputs of that dtype
+            return self._attend(q, k, v, **call)
+
+    def _attend(self, q, k, v, *, pattern, key_padding_mask, state, return_state, path, spatial_shape, scale):
         x = validate(
             self,
             q,
@@ -277,13 +289,14 @@ class Mechanism(nn.Module):
             spatial_shape=spatial_shape,
         )
         self.check_call(x)
+        made_by = self.provenance(x.batch, x.heads, x.kv_heads, x.k.shape[-1], x.v.shape[-1]) if return_state else None
         x, cache = self.join_cache(x)
         run = self._choose_path(path, x)
         out, new_state = run(self, x) if x.batch else self._empty_batch(x)
         self.last_path = _last.path = run.name if isinstance(run, FastPath) else "reference"
-        if cache is not None:
-            new_state = cache
-        return (out, new_state) if return_state else out
+        if not return_state:
+            return out
+        return out, (new_state if cache is None else cache).as_returned(made_by)
 
     def _empty_batch(self, x: AttentionInputs) -> tuple[torch.Tensor, State | None]:
         """B = 0: the empty ``[0, Tq, Hq, Dv]`` output (as SDPA gives) without running a path, and the state
@@ -346,8 +359,23 @@ class Mechanism(nn.Module):
 
     # ---- state --------------------------------------------------------------------------------------
 
+    def provenance(self, batch: int, heads: int | None, kv_heads: int, dk: int, dv: int) -> Provenance:
+        """The record of what makes a state in a call of these sizes (``heads`` None: not known yet)."""
+        return Provenance(self.name, self.state_options(), (batch, heads, kv_heads, dk, dv))
+
+    def state_options(self) -> Any:
+        """The options as this instance applies them; a mechanism that resolves an option at create (a
+        random seed drawn when none was given) returns them resolved, so its states name what made them."""
+        return self.options
+
     def init_state(self, batch: int, kv_heads: int, dk: int, dv: int, *, device=None, dtype=torch.float32) -> State:
-        """The empty state a sequence starts from."""
+        """The empty state a sequence starts from, recording this mechanism as its maker (q's heads are
+        not known here: the first call fills them in). Mechanisms override ``empty_state``."""
+        state = self.empty_state(batch, kv_heads, dk, dv, device=device, dtype=dtype)
+        return dataclasses.replace(state, made_by=self.provenance(batch, None, kv_heads, dk, dv))
+
+    def empty_state(self, batch: int, kv_heads: int, dk: int, dv: int, *, device=None, dtype=torch.float32) -> State:
+        """The empty state of this mechanism (``init_state`` adds its provenance)."""
         kind = self.state_kind
         if kind is None:
             raise AttnkitError(f"{self.name} has no decoding state")
@@ -406,7 +434,8 @@ class Mechanism(nn.Module):
         raise NotImplementedError
 
     def state_bytes(self, shape: Shape, dtype: torch.dtype = torch.float32) -> int:
-        """Bytes of decoding state after ``shape.tk`` tokens (0 for mechanisms without state)."""
+        """Bytes of the decoding state's tensors after ``shape.tk`` tokens (0 for mechanisms without state);
+        a KV cache's ``nbytes`` adds the room to grow of the buffer they are views of."""
         kind = self.state_kind
         if kind is None:
             return 0

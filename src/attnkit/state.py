@@ -6,24 +6,86 @@ Three kinds (DESIGN §1.4):
 - ``RecurrentState``: a fixed-size summary (linear and decay family).
 
 Every state knows ``offset``, the number of tokens it has consumed, so a layer can place rotary
-positions of the next chunk. States are values: a call returns a new state and never changes what
-the state it was given holds. (Outside autograd, KV caches append into a shared preallocated buffer
-so that decoding a token does not copy the whole cache; rows a state can see are never rewritten.)
+positions of the next chunk, and ``made_by``, the :class:`Provenance` of the calls that made it
+(mechanism, options, sizes): a state continues only their sequence (checked in ``inputs.validate``).
+States are values: a call returns a new state and never changes what the state it was given holds.
+(Outside autograd, KV caches append into a shared preallocated buffer so that decoding a token does
+not copy the whole cache; rows a state can see are never rewritten.)
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
-from .errors import ShapeError
+from .errors import InvalidOption, ShapeError
+
+SIZE_NAMES = ("batch", "heads", "kv_heads", "dk", "dv")  # the sizes a Provenance records
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """What made a state: the mechanism's name, all its options (as the instance applies them, e.g. a
+    seed drawn at create filled in) and the sizes ``(batch, heads, kv_heads, dk, dv)`` of the calls.
+
+    Parameters of trainable mechanisms are not part of it: two instances with the same options are the
+    same maker (which weights continue a sequence is the caller's business, as with any model state).
+    A size of None is not known yet (``init_state`` does not see q's heads) and matches any call.
+    """
+
+    mechanism: str
+    options: Any  # the mechanism's frozen options dataclass, compared by value
+    sizes: tuple[int | None, ...]  # (batch, heads, kv_heads, dk, dv)
+
+    def describe(self) -> str:
+        """``name(option=value, ...)``."""
+        return f"{self.mechanism}(" + ", ".join(f"{n}={v!r}" for n, v in _fields(self.options).items()) + ")"
+
+    def check_continued_by(self, call: Provenance) -> None:
+        """Raise InvalidOption (another mechanism or options) or ShapeError (other sizes) unless ``call``
+        may continue the sequence this provenance describes."""
+        if (self.mechanism, self.options) != (call.mechanism, call.options):
+            differ = ""
+            if self.mechanism == call.mechanism:
+                mine, theirs = _fields(self.options), _fields(call.options)
+                changed = [f"{n}={mine[n]!r} in the state, {n}={theirs[n]!r} in this call" for n in mine
+                           if mine[n] != theirs.get(n)]  # fmt: skip
+                differ = f" (options differ: {'; '.join(changed)})"
+            raise InvalidOption(
+                f"the state was made by {self.describe()} and cannot continue a sequence of "
+                f"{call.describe()}{differ}; start from state=None (or mech.init_state(...)) for this mechanism"
+            )
+        if any(a is not None and b is not None and a != b for a, b in zip(self.sizes, call.sizes, strict=True)):
+            names = ", ".join(SIZE_NAMES)
+            shown = tuple("?" if s is None else s for s in self.sizes)
+            raise ShapeError(
+                f"state does not fit the inputs: it was made for ({names}) = ({', '.join(map(str, shown))}), "
+                f"the call has {tuple(call.sizes)}"
+            )
+
+
+def _fields(options: Any) -> dict[str, Any]:
+    if not dataclasses.is_dataclass(options):
+        return {}
+    return {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
 
 
 @dataclass(frozen=True)
 class State:
     offset: int  # tokens consumed so far
+    made_by: Provenance | None = field(default=None, kw_only=True)  # set by the mechanism that returns it
+
+    def check_continued_by(self, call: Provenance) -> None:
+        """Raise unless this state may continue a sequence in the call described by ``call``."""
+        if self.made_by is None:
+            raise InvalidOption(
+                f"this {type(self).__name__} records no maker (was it built by hand?), so it cannot be checked "
+                f"against {call.describe()}; make states with mech.init_state(...) or return_state=True"
+            )
+        self.made_by.check_continued_by(call)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {
@@ -34,8 +96,31 @@ class State:
 
     @property
     def nbytes(self) -> int:
-        """Memory held by the state's tensors."""
-        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+        """Memory the state holds: the storage of its tensors, each storage counted once (a KV cache's
+        tensors are views into a buffer with room to grow: the whole buffer counts)."""
+        held = {}
+        for t in self.tensors().values():
+            storage = t.untyped_storage()
+            held[storage.data_ptr() or id(t)] = storage.nbytes()  # no data pointer (meta, empty): its own
+        return sum(held.values())
+
+    def as_returned(self, made_by: Provenance) -> State:
+        """This state as a call returns it: stamped with its provenance, and with every tensor that is a
+        view into a larger storage (the last row of a per-token tensor, say) copied out, so that the state
+        keeps no memory alive beyond its own tensors."""
+        groups: dict[int, list[str]] = {}
+        for name, t in self.tensors().items():
+            groups.setdefault(t.untyped_storage().data_ptr() or id(t), []).append(name)
+        copies = {}
+        for names in groups.values() if self._compactable() else ():
+            views = [getattr(self, n) for n in names]
+            if sum(t.nbytes for t in views) < views[0].untyped_storage().nbytes():
+                copies.update({n: t.clone() for n, t in zip(names, views, strict=True)})
+        return dataclasses.replace(self, made_by=made_by, **copies)
+
+    def _compactable(self) -> bool:
+        """Whether ``as_returned`` may copy tensors out of larger storage (not a KV cache's growing buffer)."""
+        return True
 
     def check_fits(self, layout: str, got: tuple[int, ...], want: tuple[int, ...], device: torch.device) -> None:
         """Raise ShapeError unless the dims ``got`` this state holds (named by ``layout``, e.g. "batch, heads,
@@ -124,19 +209,26 @@ class KVCache(State):
     def _standalone(self) -> dict:
         return {"_buffer": None, "_start": 0}
 
+    def _compactable(self) -> bool:
+        return self._buffer is None
+
     def extend(
         self, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None, keep: int | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, KVCache]:
         """Append new keys; return all keys, values, mask and the next cache (last ``keep`` keys)."""
         tracked = torch.is_grad_enabled() and any(t.requires_grad for t in (k, v, self.k, self.v))
-        if tracked:  # autograd must see a fresh tensor: concatenate
-            return self._extend_by_copy(k, v, key_mask, keep)
         past, n = self.length, k.shape[1]
+        # autograd must see a fresh tensor; a chunk longer than a bounded cache keeps would leave a buffer
+        # of the whole chunk behind: concatenate (the caller copies the kept rows out, State.as_returned)
+        if tracked or (keep is not None and n > keep):
+            return self._extend_by_copy(k, v, key_mask, keep)
         buf, end = self._buffer, self._start + self.length
         if buf is None or buf.fill != end or end + n > buf.capacity or not buf.fits(k, v):
-            # fresh storage with room to grow: the live rows are copied once, later steps append in place
+            # fresh storage with room to grow: the live rows are copied once, later steps append in place.
+            # The room follows the rows actually held (a quarter more, at least 64: a copy of the live rows
+            # every >= 64 steps), never the window of a bounded cache, which may be far larger than the text.
             live = past if keep is None else min(past, keep)
-            room = 2 * (live + n) + 64 if keep is None else 2 * (keep + n) + 64
+            room = live + n + max(64, (live + n) // 4)
             masked = self.key_mask is not None or key_mask is not None
             buf = _KVBuffer(k, v, room, masked)
             buf.k[:, :live] = self.k[:, past - live :]

@@ -65,3 +65,33 @@ def test_window_cache_is_bounded():
         assert state.k.shape[1] == min(i + 1, 3)
     full = attnkit.attend(q, k, v, "sliding_window", pattern="causal_self", window=4)
     assert_close("decoded", full, torch.cat(outs, 1), 1e-5)
+
+
+def test_decoding_holds_the_tokens_seen_not_the_window():
+    """window = 2^20: after 16 decoded tokens the cache holds about 16 rows (it used to preallocate the
+    window: 2 GiB after 16 tokens at window 2^17, out of memory at 2^20) and nbytes says what it holds."""
+    q, k, v = make_qkv(1, 16, 16, 1, 1, 4)
+    mech = attnkit.create("sliding_window", window=2**20)
+    state, row = None, 2 * 4 * 4  # bytes of one key and one value
+    with torch.no_grad():
+        for i in range(16):
+            _, state = mech(q[:, i : i + 1], k[:, i : i + 1], v[:, i : i + 1], pattern="causal_self",
+                            state=state, return_state=True)  # fmt: skip
+    assert state.length == 16
+    assert state.nbytes == _held(state), "nbytes must count the buffer the cache keeps alive"
+    assert state.nbytes <= 128 * row
+
+
+def _held(state) -> int:
+    """Bytes of every storage the state's tensors keep alive, each counted once."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in state.tensors().values()}
+    return sum(storages.values())
+
+
+def test_long_prefill_keeps_only_the_window():
+    """A chunk much longer than the window leaves a cache of window - 1 keys (plus room), not the chunk."""
+    q, k, v = make_qkv(1, 500, 500, 1, 1, 4)
+    for grad in (False, True):
+        with torch.set_grad_enabled(grad):
+            _, state = attnkit.attend(q, k, v, "sliding_window", pattern="causal_self", window=4, return_state=True)
+        assert state.length == 3 and _held(state) <= 3 * 2 * 4 * 4, f"grad={grad}: {_held(state)} bytes held"

@@ -101,7 +101,7 @@ def test_pooled_cache_keeps_query_heads_kv_heads():
     full = mech(q, k, v, pattern="causal_self")
     _, state = mech(q[:, :13], k[:, :13], v[:, :13], pattern="causal_self", return_state=True)
     assert state.k.shape == (2, 13, 2, 16)
-    assert state.nbytes == mech.state_bytes(Shape(2, 13, 13, 8, 8, 16, 16))
+    assert state.k.nbytes + state.v.nbytes == mech.state_bytes(Shape(2, 13, 13, 8, 8, 16, 16)) <= state.nbytes
     rest = mech(q[:, 13:], k[:, 13:], v[:, 13:], pattern="causal_self", state=state)
     assert_close("after cache", full[:, 13:], rest, 1e-5)
     empty = mech.init_state(2, 8, 16, 16)  # made without knowing q's heads: swapped on first use

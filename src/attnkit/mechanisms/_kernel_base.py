@@ -97,7 +97,7 @@ class KernelAttention(Mechanism):
             return RecurrentState(offset=offset, S=final[..., :-1], z=final[..., -1])
         return RecurrentState(offset=offset, S=final, z=None)
 
-    def init_state(self, batch, kv_heads, dk, dv, *, device=None, dtype=torch.float32) -> RecurrentState:
+    def empty_state(self, batch, kv_heads, dk, dv, *, device=None, dtype=torch.float32) -> RecurrentState:
         return RecurrentState.zeros(batch, kv_heads, self.state_dk(dk), dv, normalised=self.normalised, device=device)
 
     # ---- the specification -------------------------------------------------------------------------

@@ -236,7 +236,7 @@ class Aaren(Mechanism):
 
     # ---- state and costs ---------------------------------------------------------------------------
 
-    def init_state(self, batch, kv_heads, dk, dv, *, device=None, dtype=torch.float32) -> AarenState:
+    def empty_state(self, batch, kv_heads, dk, dv, *, device=None, dtype=torch.float32) -> AarenState:
         dtype = compute_dtype(dtype)
         return AarenState(
             offset=0,

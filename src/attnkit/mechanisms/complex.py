@@ -161,7 +161,7 @@ class Complex(Mechanism):
         )
         return cache.extend(k, v, x.key_padding_mask)
 
-    def init_state(self, batch, kv_heads, dk, dv, *, device=None, dtype=torch.float32) -> RotatedKVCache:
+    def empty_state(self, batch, kv_heads, dk, dv, *, device=None, dtype=torch.float32) -> RotatedKVCache:
         return RotatedKVCache.empty(batch, self.heads, dk, dv, device=device, dtype=dtype)
 
     def check_state(self, state, k: torch.Tensor, v: torch.Tensor) -> None:

@@ -128,7 +128,7 @@ class Hedgehog(KernelAttention):
 
     # ---- state: one per query head -----------------------------------------------------------------
 
-    def init_state(self, batch, kv_heads, dk, dv, *, device=None, dtype=torch.float32) -> RecurrentState:
+    def empty_state(self, batch, kv_heads, dk, dv, *, device=None, dtype=torch.float32) -> RecurrentState:
         """The empty state: ``S [B, Hq, 2F, Dv]`` (``kv_heads`` is not used: the state is per query head)."""
         return RecurrentState.zeros(batch, self.heads, self.state_dk(dk), dv, device=device)
 

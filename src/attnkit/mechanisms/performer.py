@@ -88,6 +88,10 @@ class Performer(KernelAttention):
         self.feature_seed = int(torch.randint(SEED_RANGE, ())) if seed is None else seed
         self._w.clear()
 
+    def state_options(self) -> PerformerOptions:
+        """The options with the seed the features were drawn from (drawn at create when none was given)."""
+        return dataclasses.replace(self.options, seed=self.feature_seed)
+
     def get_extra_state(self) -> dict[str, int]:
         return {"feature_seed": self.feature_seed}
 

@@ -382,7 +382,7 @@ class Rala(Mechanism):
 
     # ---- state -------------------------------------------------------------------------------------
 
-    def init_state(self, batch, kv_heads, dk, dv, *, device=None, dtype=torch.float32) -> RalaState:
+    def empty_state(self, batch, kv_heads, dk, dv, *, device=None, dtype=torch.float32) -> RalaState:
         dt, h = _state_dtype(dtype), self.heads
 
         def zeros(*shape):

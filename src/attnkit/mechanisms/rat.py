@@ -312,7 +312,7 @@ class RAT(Mechanism):
 
     # ---- state and costs ---------------------------------------------------------------------------
 
-    def init_state(self, batch, kv_heads, dk, dv, *, device=None, dtype=torch.float32) -> RATState:
+    def empty_state(self, batch, kv_heads, dk, dv, *, device=None, dtype=torch.float32) -> RATState:
         dtype = compute_dtype(dtype)
         return RATState(
             offset=0,

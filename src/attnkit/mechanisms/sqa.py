@@ -158,7 +158,7 @@ class SQA(Mechanism):
         k, v, mask, nxt = cache.extend(k, v, x.key_padding_mask)
         return x.replace(k=k, v=v, key_padding_mask=mask, q_offset=cache.length, state=None), nxt
 
-    def init_state(self, batch, kv_heads, dk, dv, *, device=None, dtype=torch.float32) -> SQACache:
+    def empty_state(self, batch, kv_heads, dk, dv, *, device=None, dtype=torch.float32) -> SQACache:
         """An empty cache (the first call swaps it for one with the heads attention uses, if they differ)."""
         return SQACache.empty(batch, kv_heads, dk, dv, device=device, dtype=dtype)
 

@@ -22,6 +22,8 @@ from collections.abc import Iterator
 
 import torch
 
+from .amp import autocast_off
+
 # Tile sizes, measured at T = 4096, H = 8, D = 64 on the 2-core CPU against 512K/128 and 2M/256 elements/rows:
 # a tile's logits near 4 MiB of fp32 and causal tiles of at most 256 rows were fastest with 1 and 2 threads.
 TILE_ELEMENTS = 1 << 20
@@ -124,6 +126,7 @@ class QuadraticLogitAttention(torch.autograd.Function):
     """``q [N,Tq,D]`` (pre-scaled), ``k [N,Tk,D]``, ``v [N,Tk,E]``, ``u, c [N,Tq]``, ``valid [N,Tk] | None``."""
 
     @staticmethod
+    @autocast_off
     def forward(ctx, q, k, v, u, c, valid, causal_offset):
         out = torch.zeros(q.shape[0], q.shape[1], v.shape[2], dtype=q.dtype, device=q.device)
         tiny, scratch = torch.finfo(q.dtype).tiny, _Scratch(q)
@@ -140,6 +143,7 @@ class QuadraticLogitAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @autocast_off
     def backward(ctx, dout):
         q, k, v, u, c, valid = ctx.saved_tensors
         off = ctx.causal_offset

@@ -14,6 +14,8 @@ from collections.abc import Iterator
 
 import torch
 
+from .amp import autocast_off
+
 # Tile sizes. Measured on the 2-core CPU at T = 4096, H = 8, D = 64 (forward): one head of 512 x 512
 # -> 390-410 ms (SDPA: 345 ms); all 8 heads of 128 x 4096 -> 480-500 ms (scores fall out of cache).
 QUERY_TILE = 512
@@ -61,6 +63,7 @@ class TiledSigmoidAttention(torch.autograd.Function):
     """``q [N,Tq,D]`` (pre-scaled), ``k [N,Tk,D]``, ``v [N,Tk,E]``, ``bias [N,Tq]``, ``valid [N,Tk] | None``."""
 
     @staticmethod
+    @autocast_off
     def forward(ctx, q, k, v, bias, valid, causal_offset):
         out = torch.zeros(q.shape[0], q.shape[1], v.shape[2], dtype=q.dtype, device=q.device)
         for h, r, c, diag in _tiles(q.shape[0], q.shape[1], k.shape[1], causal_offset):
@@ -72,6 +75,7 @@ class TiledSigmoidAttention(torch.autograd.Function):
         return out
 
     @staticmethod
+    @autocast_off
     def backward(ctx, dout):
         q, k, v, bias, valid = ctx.saved_tensors
         off = ctx.causal_offset
