@@ -2,22 +2,38 @@
 
 from __future__ import annotations
 
+import time
+
+import pytest
 import torch
 
 from attnkit.bench.cases import Case
 from attnkit.bench.memory import call_peak_bytes
 from attnkit.bench.runner import Budget, run_worker
-from attnkit.bench.timing import calls_per_block, time_call, time_paired
+from attnkit.bench.timing import time_call, time_paired, warmups
 
 
 def test_time_call_reports_median_spread_and_runs():
     calls = []
     t = time_call(lambda: calls.append(1), threads=1, budget_s=0.05, min_rounds=3)
-    # Timer.timeit warms up before each block; the first block (1 call) sizes the others
-    assert t.rounds >= 3 and len(calls) == calls_per_block(1) + t.runs + t.rounds * (
-        calls_per_block(t.runs // t.rounds) - t.runs // t.rounds
-    )
+    # the first Timer.timeit(1) warms up (3 calls); each block of fast calls warms up too
+    per_block = t.runs // t.rounds
+    assert t.rounds >= 3 and len(calls) == 3 + t.rounds * (per_block + warmups(per_block, 1e-6))
     assert 0 < t.min_ms <= t.median_ms and t.iqr_ms >= 0
+
+
+@pytest.mark.parametrize(("sleep_s", "warm"), [(0.03, 1), (0.3, 0)])
+def test_slow_calls_get_at_most_one_warm_up_call_a_block(sleep_s, warm):
+    """Timer.timeit's two warm-up calls a block would triple a slow case's cost; one (or none) will do."""
+    calls = []
+
+    def slow():
+        calls.append(1)
+        time.sleep(sleep_s)  # longer than a block: one call a block
+
+    t = time_call(slow, threads=1, budget_s=0.0, min_rounds=3)
+    assert t.runs == t.rounds == 3 and len(calls) == 3 + 3 * (1 + warm)
+    assert 0.8 * sleep_s * 1e3 < t.median_ms < 3 * sleep_s * 1e3
 
 
 def test_paired_timing_interleaves_and_measures_the_ratio():

@@ -30,8 +30,8 @@ log = logging.getLogger(__name__)
 
 OTHERS_MARGIN = 0.3  # cores other processes may use beyond those the benchmark leaves free
 STEAL_LIMIT = 0.1  # share of CPU time stolen by the hypervisor
-CALIBRATION_DROP = 0.75  # a matmul slower than this share of the run's best: the machine is slower now
-SPREAD_LIMIT = 0.15  # relative IQR of a timing (or of its paired ratio) above which it is doubtful
+CALIBRATION_DROP = 0.7  # a matmul slower than this share of the run's best: the machine is slower now
+SPREAD_LIMIT = 0.25  # relative IQR of a timing (or of its paired ratio) above which it is doubtful
 CALIBRATION_SIZE = 768  # square matmul of the quick calibration (~4 ms on 2 cores)
 MIN_WINDOW_S = 0.25  # shorter windows are too coarse for /proc/stat's 10 ms ticks
 
@@ -109,7 +109,7 @@ def calibrate(device: str = "cpu") -> float:
     """A quick matmul's GFLOP/s with the current thread count (fp32): the machine's speed right now."""
     n = CALIBRATION_SIZE * (4 if device.startswith("cuda") else 1)
     a = torch.randn(n, n, device=device)
-    t = time_call(lambda: a @ a, threads=torch.get_num_threads(), budget_s=0.2, min_rounds=3)
+    t = time_call(lambda: a @ a, threads=torch.get_num_threads(), budget_s=0.05, min_rounds=4)
     return 2 * n**3 / (t.min_ms * 1e-3) / 1e9
 
 

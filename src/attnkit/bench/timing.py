@@ -14,8 +14,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch.utils.benchmark import Measurement, Timer
+from torch.utils.benchmark.utils.common import set_torch_threads
 
 BLOCK_S = 0.02  # one block of calls lasts at least this long (averages out scheduler ticks of a few ms)
+FAST_BLOCK = 4  # blocks of at least this many calls go through Timer.timeit, warm-up included
+COLD_OK_S = 0.25  # calls at least this long are timed without a warm-up call before each block
 SPREAD_TARGET = 0.05  # stop once the relative IQR of the subject (and of the ratio) is below this
 
 
@@ -65,9 +68,17 @@ def _relative_iqr(values: list[float]) -> float:
     return (q[2] - q[0]) / med if med > 0 else 0.0
 
 
-def calls_per_block(number: int) -> int:
-    """Calls one ``Timer.timeit(number)`` makes: ``number`` timed after ``max(number // 100, 2)`` of warm-up."""
-    return number + max(number // 100, 2)
+def warmups(number: int, call_s: float) -> int:
+    """Untimed calls before a block of ``number`` calls of ``call_s`` seconds each.
+
+    After the other side's block, caches and the allocator hold the other callable's state; a block
+    starts warm, as ``Timer.timeit`` does (``max(number // 100, 2)`` calls for blocks of many calls).
+    A block of a few slow calls gets one warm-up call, or none from ``COLD_OK_S`` on, where refilling
+    caches is a negligible share of a call (two warm-ups would triple the cost of a 1-second case).
+    """
+    if number >= FAST_BLOCK:
+        return max(number // 100, 2)
+    return 0 if call_s >= COLD_OK_S else 1
 
 
 class _Side:
@@ -75,20 +86,34 @@ class _Side:
 
     def __init__(self, fn: Callable[[], object], threads: int, max_calls: int | None, block_s: float):
         self.timer = Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
+        self.threads = threads
         self.calls_left = max_calls
         self.blocks: list[Measurement] = []
-        first = self._timeit(1)  # warm-up, and the estimate that sizes the blocks
-        self.number = max(1, min(1000, round(block_s / max(first.times[0], 1e-7))))
+        first = self.timer.timeit(1)  # warm-up (2 calls), and the estimate that sizes the blocks
+        self.call_s = first.times[0]
+        if self.calls_left is not None:
+            self.calls_left -= 3
+        self.number = max(1, min(1000, round(block_s / max(self.call_s, 1e-7))))
         if self.calls_left is not None:  # leave calls for several rounds
             self.number = max(1, min(self.number, self.calls_left // 8 - 2))
 
+    def calls_per_block(self) -> int:
+        return self.number + warmups(self.number, self.call_s)
+
     def _timeit(self, number: int) -> Measurement:
         if self.calls_left is not None:
-            self.calls_left -= calls_per_block(number)
-        return self.timer.timeit(number)
+            self.calls_left -= number + warmups(number, self.call_s)
+        if number >= FAST_BLOCK:
+            return self.timer.timeit(number)  # warms up max(number // 100, 2) calls itself
+        # a few slow calls: the Timer's own timing loop (same clock, same threads) after our warm-up
+        with set_torch_threads(self.threads):
+            for _ in range(warmups(number, self.call_s)):
+                self.timer._timeit(1)
+            raw = self.timer._timeit(number)
+        return Measurement(number, [raw], self.timer._task_spec)
 
     def can_run(self) -> bool:
-        return self.calls_left is None or self.calls_left >= calls_per_block(self.number)
+        return self.calls_left is None or self.calls_left >= self.calls_per_block()
 
     def block(self) -> Measurement:
         m = self._timeit(self.number)

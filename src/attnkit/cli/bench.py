@@ -76,8 +76,11 @@ def positive_float(text: str) -> float:
 def _finish(summary: Summary) -> int:
     doubts = summary.doubt_text()
     if doubts:
-        print(f"Warning: {doubts}. Their rows are flagged in the store and the report; measure again on a quiet"
-              " machine (--force, or --wait-quiet to pause while it is busy).", file=sys.stderr)  # fmt: skip
+        if set(summary.doubts) - {"spread"}:
+            advice = "measure again on a quiet machine (--force; --wait-quiet pauses while it is busy)"
+        else:  # the machine was quiet: these paths' timings vary by themselves
+            advice = "more rounds narrow them (--force with a larger --runs)"
+        print(f"Warning: {doubts}. Their rows are flagged in the store and the report; {advice}.", file=sys.stderr)
     for line in summary.failures[:20]:
         print(f"  failed: {line}", file=sys.stderr)
     if summary.interrupted:
