@@ -138,8 +138,10 @@ def predict_skip(case: BenchCase, history: list[_Point], budget: Budget, memory_
 
 
 _CONTEXT = None
-# imported once by the forkserver, so that no worker pays for importing torch, attnkit or its cases
-PRELOAD = ["attnkit.bench.worker", "attnkit.bench.speed", "attnkit.bench.fidelity"]
+# Imported once by the forkserver, so that no worker pays for importing torch, attnkit or its cases. A
+# worker also re-runs the parent's main module: for `attnkit ...` that imports attnkit.cli (and with it
+# the report's matplotlib), 0.35 s a case unless the forkserver holds it already.
+PRELOAD = ["attnkit.bench.worker", "attnkit.bench.speed", "attnkit.bench.fidelity", "attnkit.cli"]
 
 
 def _context():
