@@ -7,6 +7,7 @@ its paired speed-up over SDPA and its fidelity error, forward pass, one dtype an
 
 from __future__ import annotations
 
+import dataclasses
 from html import escape
 from typing import Any
 
@@ -24,7 +25,9 @@ def _fidelity(rows: list[dict[str, Any]], curve: Curve, t: int) -> tuple[float |
     at ``t``, or at the longest measured length below it; (error, the T it was measured at)."""
     if (curve.mechanism, curve.path) == SDPA or curve.mechanism == "softmax":
         return 0.0, t
-    options = dict(kv.split("=", 1) for kv in curve.options.split(", ")) if curve.options else {}
+    options = _defaults(curve.mechanism) | (
+        dict(kv.split("=", 1) for kv in curve.options.split(", ")) if curve.options else {}
+    )
     best: tuple[float | None, int | None] = (None, None)
     for r in rows:
         if (r["kind"], r["mechanism"], r["pattern"]) != ("fidelity", curve.mechanism, curve.pattern):
@@ -38,6 +41,15 @@ def _fidelity(rows: list[dict[str, Any]], curve: Curve, t: int) -> tuple[float |
         if best[1] is None or r["tokens"] > best[1]:
             best = (r["error"], r["tokens"])
     return best
+
+
+def _defaults(mechanism: str) -> dict[str, str]:
+    """The mechanism's default option values, as text (what a speed curve without options ran with)."""
+    try:
+        opts = info(mechanism).options
+    except AttnkitError:
+        return {}
+    return {f.name: str(f.default) for f in dataclasses.fields(opts) if f.default is not dataclasses.MISSING}
 
 
 def _is_exact(curve: Curve, error: float | None, error_t: int | None, t: int) -> bool:
