@@ -26,6 +26,10 @@ def test_a_busy_machine_is_seen_and_the_row_flagged():
         time.sleep(0.5)
         case = Case("speed", "linear", "chunk", "causal_self", "fwd", 256, heads=2, kv_heads=2, head_dim=16, runs=3)
         result = run_worker(case, threads=cores, timeout_s=120, budget=Budget(time_s=20, timing_s=0.5))
+        # --wait-quiet waits while the machine stays busy, and says so when it gives up
+        started = time.monotonic()
+        still = machine.wait_quiet(cores, max_wait_s=1.0, poll_s=0.5)
+        waited = time.monotonic() - started
     finally:
         for h in hogs:
             h.kill()
@@ -33,6 +37,7 @@ def test_a_busy_machine_is_seen_and_the_row_flagged():
     load = machine.Load(result["others_cores"], result["steal"])
     assert result["others_cores"] > 0.5 * cores, result
     assert machine.busy_reason(load, cores).startswith("busy:")
+    assert still is not None and still.startswith("busy:") and waited >= 1.0
 
 
 def test_doubts_name_each_reason():
