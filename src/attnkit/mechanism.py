@@ -14,12 +14,12 @@ import os
 import threading
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, ClassVar, NamedTuple
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from .describe import Complexity, MechanismInfo, Paper, Shape  # noqa: F401 - part of this module's API
 from .errors import AttnkitError, InvalidOption, ReferenceFallbackWarning, ShapeError, did_you_mean
 from .inputs import AttentionInputs, validate
 from .ops.amp import autocast_dtype, cast_floating
@@ -35,54 +35,6 @@ PATH_ENV = "ATTNKIT_PATH"  # ATTNKIT_PATH=reference forces the reference path ev
 _last = threading.local()
 
 PathFn = Callable[["Mechanism", AttentionInputs], "tuple[torch.Tensor, State | None]"]
-
-
-@dataclass(frozen=True)
-class Paper:
-    title: str
-    year: int
-    arxiv: str | None = None
-
-    def __str__(self) -> str:
-        return f"{self.title} ({self.year}" + (f", arXiv:{self.arxiv})" if self.arxiv else ")")
-
-
-@dataclass(frozen=True)
-class Complexity:
-    time: str  # e.g. "O(T²·D)"
-    memory: str  # extra memory beyond inputs and outputs, e.g. "O(T)"
-
-    def __str__(self) -> str:
-        return f"time {self.time}, memory {self.memory}"
-
-
-class Shape(NamedTuple):
-    """Sizes of one call, for FLOP and state-size formulas."""
-
-    batch: int
-    tq: int
-    tk: int
-    heads: int
-    kv_heads: int
-    dk: int
-    dv: int
-
-
-@dataclass(frozen=True)
-class MechanismInfo:
-    name: str
-    kind: str  # "attention" or "mixer"
-    family: str
-    paper: Paper
-    patterns: frozenset[Pattern]
-    exact: bool  # equals softmax attention up to rounding
-    trainable: bool  # has parameters: build it with attnkit.create / attnkit.Attention
-    supports_state: bool
-    spatial: bool  # needs spatial_shape
-    complexity: Complexity
-    options: type  # the frozen options dataclass
-    paths: tuple[str, ...]  # fast paths, in order of definition
-    state_kind: str | None = None
 
 
 class FastPath:
