@@ -1,5 +1,6 @@
-"""Layers built on the mechanisms."""
+"""Layers built on the mechanisms, and small backbones whose attention is any registered mechanism."""
 
 from .attention import Attention
+from .causal_lm import CausalLM
 
-__all__ = ["Attention"]
+__all__ = ["Attention", "CausalLM"]
