@@ -2,5 +2,7 @@
 
 from .attention import Attention
 from .causal_lm import CausalLM
+from .encoder import Encoder, EncoderClassifier
+from .encoder_decoder import EncoderDecoder
 
-__all__ = ["Attention", "CausalLM"]
+__all__ = ["Attention", "CausalLM", "Encoder", "EncoderClassifier", "EncoderDecoder"]

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..api import info
-from ..errors import InvalidOption, UnsupportedPattern
+from ..errors import InvalidOption, ShapeError, UnsupportedPattern
 from ..patterns import Pattern, as_pattern
 from ..state import State
 from .attention import Attention
@@ -192,3 +192,34 @@ class Block(nn.Module):
         if not return_state:
             return x
         return x, BlockState(attn=attn_state, conv=conv_state, cross_queries=queries)
+
+
+class InputEmbedding(nn.Module):
+    """Token ids ``[B, T]`` through an embedding (``vocab``) or real values ``[B, T, in_dim]`` through a linear
+    map (``in_dim``: series, pixels), plus learned absolute positions when asked -> ``[B, T, dim]``."""
+
+    def __init__(self, dim: int, *, vocab: int | None, in_dim: int | None, positions: str, max_positions: int | None):
+        super().__init__()
+        if (vocab is None) == (in_dim is None):
+            raise InvalidOption(
+                f"give exactly one of vocab= (token ids) and in_dim= (real values); got {vocab=}, {in_dim=}"
+            )
+        check_positions(positions, max_positions)
+        self.vocab, self.in_dim = vocab, in_dim
+        self.embed = nn.Embedding(vocab, dim) if vocab is not None else nn.Linear(in_dim, dim)
+        if vocab is not None:
+            nn.init.normal_(self.embed.weight, std=0.02)  # GPT-2's scale
+        self.pos = nn.Embedding(max_positions, dim) if positions == "learned" else None
+        if self.pos is not None:
+            nn.init.normal_(self.pos.weight, std=0.02)
+
+    def forward(self, x: torch.Tensor, offset: int = 0, prefix: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` -> ``[B, P + T, dim]``; ``prefix [B, P, dim]`` (a CLS token) goes first and takes positions too."""
+        want = 2 if self.vocab is not None else 3
+        if x.dim() != want or (want == 3 and x.shape[-1] != self.in_dim):
+            shape = "[B, T] token ids" if want == 2 else f"[B, T, {self.in_dim}] values"
+            raise ShapeError(f"input must be {shape}; got shape {tuple(x.shape)}")
+        h = self.embed(x)  # [B, T, dim]
+        if prefix is not None:
+            h = torch.cat([prefix, h], dim=1)
+        return h if self.pos is None else learned_positions(h, self.pos, offset)

@@ -12,9 +12,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import InvalidOption, ShapeError
+from ..errors import InvalidOption
 from ..patterns import Pattern
-from .blocks import Block, ModelState, check_positions, layer_options, learned_positions, require_patterns
+from .blocks import Block, InputEmbedding, ModelState, layer_options, require_patterns
 
 
 class CausalLM(nn.Module):
@@ -55,15 +55,10 @@ class CausalLM(nn.Module):
     ):
         super().__init__()
         require_patterns("CausalLM", mechanism, [Pattern.CAUSAL_SELF])
-        check_positions(positions, max_positions)
         if kv_heads is not None:
             options["kv_heads"] = kv_heads
         self.vocab, self.dim, self.positions = vocab, dim, positions
-        self.embed = nn.Embedding(vocab, dim)
-        nn.init.normal_(self.embed.weight, std=0.02)  # GPT-2's scale: unit-variance rows blow up tied logits
-        self.pos = nn.Embedding(max_positions, dim) if positions == "learned" else None
-        if self.pos is not None:
-            nn.init.normal_(self.pos.weight, std=0.02)
+        self.inputs = InputEmbedding(dim, vocab=vocab, in_dim=None, positions=positions, max_positions=max_positions)
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(
             Block(
@@ -82,7 +77,7 @@ class CausalLM(nn.Module):
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, vocab, bias=False)
         if tie_weights:
-            self.head.weight = self.embed.weight  # one [vocab, dim] parameter
+            self.head.weight = self.inputs.embed.weight  # one [vocab, dim] parameter
 
     def forward(self, tokens: torch.Tensor, *, state: ModelState | None = None, return_state: bool = False):
         """``tokens [B, T]`` (int) -> ``logits [B, T, vocab]``; logit t depends on tokens 0..t only.
@@ -90,16 +85,11 @@ class CausalLM(nn.Module):
         With ``return_state=True`` returns ``(logits, state)``: pass the state with the next chunk (any
         size, 1 for a decoding step) and the concatenated logits equal one call on the whole sequence.
         """
-        if tokens.dim() != 2:
-            raise ShapeError(f"tokens must be [B, T] token ids; got shape {tuple(tokens.shape)}")
         stateful = state is not None or return_state
         if state is not None and len(state.blocks) != len(self.blocks):
             raise InvalidOption(f"state has {len(state.blocks)} blocks but the model has {len(self.blocks)}")
         offset = state.offset if state is not None else 0
-        x = self.embed(tokens)  # [B, T, dim]
-        if self.pos is not None:
-            x = learned_positions(x, self.pos, offset)
-        x = self.drop(x)
+        x = self.drop(self.inputs(tokens, offset=offset))  # [B, T, dim]
         new_states = []
         for i, block in enumerate(self.blocks):
             if stateful:
