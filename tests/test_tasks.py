@@ -1,0 +1,139 @@
+"""Quality tasks as data: the registry, shapes, determinism, disjoint splits, labels checked independently."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attnkit.bench.tasks import IGNORE, PRESETS, Task, TaskData, get_task, list_tasks, split_seed
+from attnkit.errors import InvalidOption, UnknownTask
+from attnkit.patterns import Pattern
+
+TASKS = list_tasks()
+
+
+def _variants(task: Task) -> list[dict]:
+    return task.variants("quick")
+
+
+def _both(name: str, **variant) -> tuple[Task, TaskData, TaskData]:
+    task = get_task(name)
+    return task, task.make("train", "quick"), task.make("test", "quick", **variant)
+
+
+def _rows(data: TaskData) -> set[bytes]:
+    return {r.numpy().tobytes() for r in data.inputs}
+
+
+# ------------------------------------------------------------------------------------ every task
+
+
+def test_registry_lists_the_tasks():
+    assert {"mqar"} <= set(TASKS)
+    assert list_tasks("mq*") == ["mqar"]
+
+
+def test_unknown_task_names_the_valid_ones():
+    with pytest.raises(UnknownTask, match=r"Did you mean 'mqar'\?.*Available: .*mqar"):
+        get_task("mqr")
+    with pytest.raises(InvalidOption, match="Available: quick, cpu, gpu"):
+        get_task("mqar").make("train", "cpuu")
+
+
+def test_train_and_test_seeds_are_disjoint():
+    assert split_seed("train", 0) != split_seed("test", 0)
+    assert max(split_seed("train", s) for s in range(100)) < min(split_seed("test", s) for s in range(100))
+    with pytest.raises(InvalidOption):
+        split_seed("valid", 0)
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_task_declares_what_a_result_stores(name):
+    task = get_task(name)
+    assert isinstance(task.VERSION, int) and task.VERSION >= 1
+    assert task.patterns and all(isinstance(p, Pattern) for p in task.patterns)
+    assert isinstance(task.metric.higher_is_better, bool) and task.metric.name
+    assert isinstance(task.lr, float) and 0 < task.lr < 1
+    assert set(PRESETS) <= set(task.presets)
+    assert task.output in ("tokens", "class")
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_quick_preset_shapes_dtypes_and_info(name):
+    task = get_task(name)
+    p = task.preset("quick")
+    for split, n in (("train", p.n_train), ("test", p.n_test)):
+        for variant in [{}] if split == "train" else _variants(task):
+            d = task.make(split, "quick", **variant)
+            assert d.inputs.dtype == torch.long and d.inputs.dim() == 2 and len(d) == n
+            assert 0 <= d.inputs.min() and d.inputs.max() < p.vocab
+            if task.output == "tokens":
+                assert d.targets.shape == d.inputs.shape and d.targets.dtype == torch.long
+                assert d.loss_mask.dtype == torch.bool and d.loss_mask.shape == d.inputs.shape
+                assert d.loss_mask.any(-1).all(), "every example has something to predict"
+                assert ((d.targets == IGNORE) == ~d.loss_mask).all()
+            else:
+                assert d.targets.shape == (n,) and 0 <= d.targets.min() and d.targets.max() < task.num_classes
+            if d.pad_mask is not None:
+                assert d.pad_mask.shape == d.inputs.shape and d.pad_mask[:, 0].all()
+            assert d.info["task"] == name and d.info["version"] == task.VERSION and d.info["variant"] == variant
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_same_seed_same_data_other_seed_other_data(name):
+    task = get_task(name)
+    a, b, c = (task.make("train", "quick", seed=s) for s in (0, 0, 1))
+    for f in ("inputs", "targets", "loss_mask", "pad_mask"):
+        x, y = getattr(a, f), getattr(b, f)
+        assert (x is None and y is None) or torch.equal(x, y)
+    assert not torch.equal(a.inputs, c.inputs)
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_no_test_example_occurs_in_train_or_twice(name):
+    task = get_task(name)
+    train = _rows(task.make("train", "quick"))
+    for variant in _variants(task):
+        test = task.make("test", "quick", **variant)
+        assert not (_rows(test) & train)
+        assert len(_rows(test)) == len(test)
+
+
+@pytest.mark.parametrize("name", TASKS)
+def test_metric_on_perfect_and_constant_predictions(name):
+    task = get_task(name)
+    d = task.make("test", "quick", **_variants(task)[0])
+    perfect, const = d.targets.clamp(min=0), torch.full_like(d.targets, 3)
+    if task.metric.name == "bits_per_byte":  # needs logits: one-hot (perfect) and uniform (constant)
+        vocab = task.preset("quick").vocab
+        assert task.score(torch.nn.functional.one_hot(perfect, vocab).float() * 100, d) == pytest.approx(0, abs=1e-6)
+        assert task.score(torch.zeros(*d.targets.shape, vocab), d) == pytest.approx(8.0)
+        return
+    assert task.score(perfect, d) == 1.0
+    hit = const == d.targets
+    if d.targets.dim() == 1:
+        expected = hit.float().mean().item()
+    elif task.metric.name == "exact_match":
+        expected = (hit | ~d.loss_mask).all(-1).float().mean().item()
+    else:
+        expected = ((hit & d.loss_mask).sum(-1) / d.loss_mask.sum(-1)).mean().item()
+    assert task.score(const, d) == pytest.approx(expected)
+    logits = torch.nn.functional.one_hot(perfect, int(perfect.max()) + 1).float()
+    assert task.score(logits, d) == 1.0, "logits are argmaxed"
+
+
+# ------------------------------------------------------------------------ labels, independently
+
+
+def test_mqar_answer_is_the_value_paired_with_the_key():
+    _, train, test = _both("mqar")
+    K = get_task("mqar").preset("quick").num_kv_pairs
+    for d in (train, test):
+        assert (d.loss_mask.sum(-1) == K).all(), "every key is queried exactly once"
+        for x, y, m in zip(d.inputs.tolist(), d.targets.tolist(), d.loss_mask.tolist(), strict=True):
+            pairs = dict(zip(x[0 : 2 * K : 2], x[1 : 2 * K : 2], strict=True))
+            assert len(pairs) == K
+            queried = [x[t] for t in range(len(x)) if m[t]]
+            assert sorted(queried) == sorted(pairs), "the queries are the keys"
+            assert all(y[t] == pairs[x[t]] for t in range(len(x)) if m[t])
+            assert all(t >= 2 * K for t in range(len(x)) if m[t]), "queries come after the pairs"
