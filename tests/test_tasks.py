@@ -29,7 +29,7 @@ def _rows(data: TaskData) -> set[bytes]:
 
 
 def test_registry_lists_the_tasks():
-    assert {"mqar"} <= set(TASKS)
+    assert {"mqar", "induction"} <= set(TASKS)
     assert list_tasks("mq*") == ["mqar"]
 
 
@@ -137,3 +137,22 @@ def test_mqar_answer_is_the_value_paired_with_the_key():
             assert sorted(queried) == sorted(pairs), "the queries are the keys"
             assert all(y[t] == pairs[x[t]] for t in range(len(x)) if m[t])
             assert all(t >= 2 * K for t in range(len(x)) if m[t]), "queries come after the pairs"
+
+
+def test_induction_target_is_the_token_after_the_earlier_trigger():
+    task = get_task("induction")
+    p = task.preset("quick")
+    prefix = p.vocab - 2
+    lengths = [v["length"] for v in task.variants("quick")]
+    assert lengths == [16, 32, 64, 128, 256], "0.5x … 8x the training length"
+    for length in lengths:
+        d = task.make("test", "quick", length=length)
+        assert d.inputs.shape == (p.n_test, length)
+        assert (d.loss_mask.sum(-1) == 1).all() and d.loss_mask[:, -1].all(), "only the last position counts"
+        for x, y in zip(d.inputs.tolist(), d.targets[:, -1].tolist(), strict=True):
+            assert x[-1] == prefix
+            triggers = [t for t in range(length - 1) if x[t] == prefix]
+            assert 1 <= len(triggers) <= p.num_triggers
+            assert all(x[t + 1] == y for t in triggers)
+    train = task.make("train", "quick")
+    assert train.loss_mask.all() and torch.equal(train.targets[:, :-1], train.inputs[:, 1:]), "next-token targets"

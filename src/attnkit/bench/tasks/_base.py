@@ -4,7 +4,7 @@ A task is one module in this package holding one :class:`Task` subclass decorate
 ``@register_task("name")``. It declares its ``VERSION`` (stored with every result; bump it whenever
 the generated data changes), the attention ``patterns`` it exercises, its ``metric``, one learning
 rate ``lr`` (chosen once, for softmax attention, and kept for every mechanism so that they compare on
-equal terms), the ``presets`` (data sizes only), and writes ``_generate(rng, n, preset, **variant)``.
+equal terms), the ``presets`` (data sizes only), and writes ``_generate(rng, split, n, preset, **variant)``.
 The base class turns that into :meth:`Task.make`: seeded, deterministic, and with every test
 example that also occurs in the training set (or twice in the test set) replaced by a fresh one.
 """
@@ -197,8 +197,10 @@ class Task:
         """The task's metric on a model's outputs (logits or predicted labels) for ``data``."""
         return self.metric(outputs, data.targets, data.loss_mask)
 
-    def _generate(self, rng: np.random.Generator, n: int, preset: Preset, **variant: Any) -> dict[str, np.ndarray]:
-        """``n`` examples: a dict of numpy arrays ``inputs`` and ``targets`` (and ``loss_mask``,
+    def _generate(
+        self, rng: np.random.Generator, split: str, n: int, preset: Preset, **variant: Any
+    ) -> dict[str, np.ndarray]:
+        """``n`` examples of ``split``: a dict of numpy arrays ``inputs`` and ``targets`` (and ``loss_mask``,
         ``pad_mask`` where needed), first axis ``n``. Fewer than ``n`` means the data ran out."""
         raise NotImplementedError
 
@@ -216,7 +218,7 @@ class Task:
         have = 0
         for _ in range(_MAX_TOP_UPS):
             asked = n - have
-            batch = self._generate(rng, asked, p, **variant)
+            batch = self._generate(rng, split, asked, p, **variant)
             fresh = []
             for i, row in enumerate(batch["inputs"]):
                 k = _key(row)

@@ -44,7 +44,7 @@ class MQAR(Task):
         ),
     }
 
-    def _generate(self, rng: np.random.Generator, n: int, p: MQARPreset) -> dict[str, np.ndarray]:
+    def _generate(self, rng: np.random.Generator, split: str, n: int, p: MQARPreset) -> dict[str, np.ndarray]:
         V, N, K = p.vocab, p.seq_len, p.num_kv_pairs
         if N % 2 or V <= N or 4 * K > N:
             raise ValueError(f"MQAR needs an even seq_len < vocab and 4·K <= seq_len; got V={V}, N={N}, K={K}")
