@@ -29,7 +29,7 @@ def _rows(data: TaskData) -> set[bytes]:
 
 
 def test_registry_lists_the_tasks():
-    assert {"mqar", "induction"} <= set(TASKS)
+    assert {"mqar", "induction", "listops"} <= set(TASKS)
     assert list_tasks("mq*") == ["mqar"]
 
 
@@ -156,3 +156,37 @@ def test_induction_target_is_the_token_after_the_earlier_trigger():
             assert all(x[t + 1] == y for t in triggers)
     train = task.make("train", "quick")
     assert train.loss_mask.all() and torch.equal(train.targets[:, :-1], train.inputs[:, 1:]), "next-token targets"
+
+
+def _eval_listops(tokens: list[int]) -> int:
+    """Evaluate a ListOps token sequence with a stack (independent of the generator's recursion)."""
+    import statistics
+
+    ops = {10: min, 11: max, 12: lambda v: int(statistics.median(v)), 13: lambda v: sum(v) % 10}
+    stack: list[list] = [[]]
+    for t in tokens:
+        if t in ops:
+            stack.append([t])
+        elif t == 14:  # close: apply the innermost operator
+            op, *args = stack.pop()
+            assert len(args) >= 2
+            stack[-1].append(ops[op](args))
+        else:
+            assert 0 <= t <= 9
+            stack[-1].append(t)
+    (value,) = stack.pop()
+    assert not stack
+    return value
+
+
+def test_listops_labels_match_an_independent_evaluation():
+    task, train, test = _both("listops")
+    p = task.preset("quick")
+    assert _eval_listops([12, 1, 2, 14]) == 1 and _eval_listops([13, 9, 12, 4, 7, 5, 14, 14]) == 4
+    for d in (train, test):
+        lengths = d.pad_mask.sum(-1)
+        assert (lengths > p.min_len).all() and (lengths <= p.seq_len).all()
+        assert (d.inputs[~d.pad_mask] == 15).all() and (d.inputs[d.pad_mask] != 15).all()
+        for x, n, y in zip(d.inputs.tolist(), lengths.tolist(), d.targets.tolist(), strict=True):
+            assert x[0] in (10, 11, 12, 13) and x[n - 1] == 14, "an expression, closed"
+            assert _eval_listops(x[:n]) == y
