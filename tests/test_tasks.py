@@ -29,7 +29,7 @@ def _rows(data: TaskData) -> set[bytes]:
 
 
 def test_registry_lists_the_tasks():
-    assert {"mqar", "induction", "listops"} <= set(TASKS)
+    assert {"mqar", "induction", "listops", "selective_copy"} <= set(TASKS)
     assert list_tasks("mq*") == ["mqar"]
 
 
@@ -190,3 +190,17 @@ def test_listops_labels_match_an_independent_evaluation():
         for x, n, y in zip(d.inputs.tolist(), lengths.tolist(), d.targets.tolist(), strict=True):
             assert x[0] in (10, 11, 12, 13) and x[n - 1] == 14, "an expression, closed"
             assert _eval_listops(x[:n]) == y
+
+
+def test_selective_copy_targets_are_the_content_tokens_in_order():
+    task, train, test = _both("selective_copy")
+    p = task.preset("quick")
+    copy, blank = p.vocab - 1, p.vocab - 2
+    for d in (train, test):
+        for x, y, m in zip(d.inputs.tolist(), d.targets.tolist(), d.loss_mask.tolist(), strict=True):
+            c = x.index(copy)
+            assert c == p.seq_len - p.n_copy - 1 and x.count(copy) == 1
+            assert all(t == blank for t in x[c + 1 :]), "blanks after the copy token"
+            content = [t for t in x[:c] if t != blank]
+            assert [y[t] for t in range(len(x)) if m[t]] == content and len(content) == p.n_copy
+            assert m == [t > c for t in range(len(x))], "the loss is on the trailing blanks only"
