@@ -29,7 +29,7 @@ def _rows(data: TaskData) -> set[bytes]:
 
 
 def test_registry_lists_the_tasks():
-    assert {"mqar", "induction", "listops", "selective_copy"} <= set(TASKS)
+    assert {"mqar", "induction", "listops", "selective_copy", "passkey"} <= set(TASKS)
     assert list_tasks("mq*") == ["mqar"]
 
 
@@ -204,3 +204,24 @@ def test_selective_copy_targets_are_the_content_tokens_in_order():
             content = [t for t in x[:c] if t != blank]
             assert [y[t] for t in range(len(x)) if m[t]] == content and len(content) == p.n_copy
             assert m == [t > c for t in range(len(x))], "the loss is on the trailing blanks only"
+
+
+def test_passkey_answer_is_the_needles_digits_on_the_grid():
+    from attnkit.bench.tasks.passkey import KEY, QUERY
+
+    task = get_task("passkey")
+    p = task.preset("quick")
+    grid = task.variants("quick")
+    assert len(grid) == len(p.test_lengths) * len(p.test_depths)
+    for split, variant in [("train", {})] + [("test", v) for v in grid]:
+        d = task.make(split, "quick", **variant)
+        T = variant.get("length", p.seq_len)
+        assert d.inputs.shape[1] == T and (d.loss_mask.sum(-1) == p.digits).all()
+        for x, y, m in zip(d.inputs.tolist(), d.targets.tolist(), d.loss_mask.tolist(), strict=True):
+            s = x.index(KEY)
+            assert x.count(KEY) == 1 and x.count(QUERY) == 1 and x.index(QUERY) == T - p.digits
+            needle = x[s + 1 : s + 1 + p.digits]
+            assert [y[t] for t in range(T) if m[t]] == needle
+            assert x[T - p.digits + 1 :] == needle[:-1], "teacher-forced digits after [Q]"
+            if "depth" in variant:
+                assert s == round(variant["depth"] * (T - p.digits - p.digits - 1))
