@@ -29,7 +29,7 @@ def _rows(data: TaskData) -> set[bytes]:
 
 
 def test_registry_lists_the_tasks():
-    assert {"mqar", "induction", "listops", "selective_copy", "passkey"} <= set(TASKS)
+    assert {"mqar", "induction", "listops", "selective_copy", "passkey", "byte_lm"} <= set(TASKS)
     assert list_tasks("mq*") == ["mqar"]
 
 
@@ -225,3 +225,20 @@ def test_passkey_answer_is_the_needles_digits_on_the_grid():
             assert x[T - p.digits + 1 :] == needle[:-1], "teacher-forced digits after [Q]"
             if "depth" in variant:
                 assert s == round(variant["depth"] * (T - p.digits - p.digits - 1))
+
+
+def test_byte_lm_windows_come_from_their_splits_documents():
+    from attnkit.bench.tasks.byte_lm import _documents, _split_of
+
+    task, train, test = _both("byte_lm")
+    p = task.preset("quick")
+    docs = _documents(p.corpus, p.max_bytes)
+    names = {_split_of(n) for n, _ in docs}
+    assert names == {"train", "test"}, "both splits get documents"
+    assert test.info["python"] and test.info["corpus"] == "pydoc"
+    for d, split in ((train, "train"), (test, "test")):
+        mine = [t for n, t in docs if _split_of(n) == split]
+        assert torch.equal(d.targets[:, :-1], d.inputs[:, 1:]) and d.loss_mask.all()
+        for x, y in zip(d.inputs.tolist(), d.targets[:, -1].tolist(), strict=True):
+            window = bytes(x + [y])
+            assert any(window in t for t in mine)

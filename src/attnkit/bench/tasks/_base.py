@@ -184,6 +184,7 @@ class Task:
             assert not any(_key(r) in train_keys for r in rows["inputs"]), "a test example occurs in train"
         info = {"task": self.name, "version": self.VERSION, "split": split, "seed": seed, "variant": dict(variant)}
         info["preset"] = preset if isinstance(preset, str) else dataclasses.asdict(p)
+        info.update(self.data_info(p))
         as_tensor = lambda k, dt: torch.from_numpy(rows[k]).to(dt) if rows.get(k) is not None else None  # noqa: E731
         return TaskData(
             inputs=as_tensor("inputs", torch.long),
@@ -192,6 +193,10 @@ class Task:
             pad_mask=as_tensor("pad_mask", torch.bool),
             info=info,
         )
+
+    def data_info(self, preset: Preset) -> dict[str, Any]:
+        """Anything else the data depends on (a corpus taken from this Python, say), for ``info``."""
+        return {}
 
     def score(self, outputs: torch.Tensor, data: TaskData) -> float:
         """The task's metric on a model's outputs (logits or predicted labels) for ``data``."""
