@@ -242,3 +242,16 @@ def test_byte_lm_windows_come_from_their_splits_documents():
         for x, y in zip(d.inputs.tolist(), d.targets[:, -1].tolist(), strict=True):
             window = bytes(x + [y])
             assert any(window in t for t in mine)
+
+
+@pytest.mark.parametrize("preset", ["cpu", "gpu"])
+@pytest.mark.parametrize("name", TASKS)
+def test_larger_presets_are_valid_configurations(name, preset):
+    """Two examples at each larger preset's lengths and knobs (the full sizes are for the benchmark)."""
+    import dataclasses
+
+    task = get_task(name)
+    p = dataclasses.replace(task.preset(preset), n_train=4, n_test=2)
+    assert task.make("train", p).inputs.shape == (4, p.seq_len)
+    for variant in task.variants(p)[-1:]:
+        assert len(task.make("test", p, **variant)) == 2
