@@ -30,6 +30,10 @@ class UnknownMechanism(AttnkitError):
     """No mechanism of that name is registered."""
 
 
+class UnknownTask(AttnkitError):
+    """No quality-benchmark task of that name is registered."""
+
+
 class InvalidOption(AttnkitError):
     """An option, path or keyword has a name or value the mechanism does not accept."""
 

@@ -1,5 +1,8 @@
-"""Layers built on the mechanisms."""
+"""Layers built on the mechanisms, and small backbones whose attention is any registered mechanism."""
 
 from .attention import Attention
+from .causal_lm import CausalLM
+from .encoder import Encoder, EncoderClassifier
+from .encoder_decoder import EncoderDecoder
 
-__all__ = ["Attention"]
+__all__ = ["Attention", "CausalLM", "Encoder", "EncoderClassifier", "EncoderDecoder"]

@@ -120,17 +120,25 @@ class Attention(nn.Module):
         key_padding_mask: torch.Tensor | None = None,
         state: State | None = None,
         return_state: bool = False,
+        pattern: Pattern | str | None = None,
     ):
         """``x [B, T, dim]`` (and ``context [B, S, context_dim]`` for cross patterns) -> ``[B, T, dim]``.
 
         ``key_padding_mask [B, T or S]`` marks real tokens of whatever keys come from. With
         ``return_state=True`` returns ``(y, state)``; feed the state back to decode further tokens.
+        ``pattern`` overrides the layer's pattern for this call, with the same weights: it must be a self
+        pattern for a self layer and a cross one for a cross layer (a decoder's cross attention trained
+        with ``noncausal_cross`` decodes with ``causal_cross``).
         """
         self._check_input("x", x, self.dim)
-        if self.pattern.is_self and context is not None:
-            raise InvalidOption(f"pattern {self.pattern.value} attends within x; pass no context")
-        if not self.pattern.is_self and context is None:
-            raise InvalidOption(f"pattern {self.pattern.value} needs context= (the sequence to attend to)")
+        pattern = self.pattern if pattern is None else as_pattern(pattern)
+        if pattern.is_self != self.pattern.is_self:
+            kind = "self" if self.pattern.is_self else "cross"
+            raise InvalidOption(f"pattern={pattern.value} cannot override the {kind} pattern {self.pattern.value}")
+        if pattern.is_self and context is not None:
+            raise InvalidOption(f"pattern {pattern.value} attends within x; pass no context")
+        if not pattern.is_self and context is None:
+            raise InvalidOption(f"pattern {pattern.value} needs context= (the sequence to attend to)")
         if context is not None:
             self._check_input("context", context, self.context_dim, batch=x.shape[0])
         src = x if context is None else context
@@ -146,7 +154,7 @@ class Attention(nn.Module):
             q,
             k,
             v,
-            pattern=self.pattern,
+            pattern=pattern,
             key_padding_mask=key_padding_mask,
             state=state,
             return_state=return_state,
