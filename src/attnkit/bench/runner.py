@@ -41,6 +41,8 @@ class Summary:
     skipped: int = 0
     failed: int = 0
     doubtful: int = 0  # measured, but flagged: the machine was busy or the timings spread
+    not_applicable: int = 0  # a quality case whose task needs a pattern the mechanism lacks
+    diverged: int = 0  # a quality case whose loss stopped being finite
     interrupted: bool = False
     failures: list[str] = field(default_factory=list)
     doubts: Counter = field(default_factory=Counter)  # rows per kind of doubt (machine.DOUBT_KINDS)
@@ -52,6 +54,8 @@ class Summary:
             f"{self.skipped} skipped (budget)",
             f"{self.failed} failed",
         ]
+        parts += [f"{self.not_applicable} not applicable"] if self.not_applicable else []
+        parts += [f"{self.diverged} diverged"] if self.diverged else []
         return ("interrupted: " if self.interrupted else "sweep done: ") + ", ".join(parts)
 
     def doubt_text(self) -> str | None:
@@ -68,6 +72,10 @@ class Summary:
             if doubts:
                 self.doubtful += 1
                 self.doubts.update({d.split(":")[0] for d in doubts})
+        elif status == "not_applicable":
+            self.not_applicable += 1
+        elif status == "diverged":
+            self.diverged += 1
         else:
             self.failed += 1
             self.failures.append(f"{label}: {status}: {reason}")

@@ -32,6 +32,7 @@ SCHEMA_VERSION = 2  # 2: paired timing (iqr, baseline, speed-up), machine load a
 APPLICATION_ID = 0x41544B31  # "ATK1"
 DEFAULT_DB = "attnkit-results.sqlite"
 BUSY_TIMEOUT_MS = 60_000
+FINAL = "('ok', 'skipped', 'not_applicable', 'diverged')"  # statuses a re-run does not measure again
 
 
 class StoreError(AttnkitError):
@@ -58,7 +59,7 @@ RESULT_COLUMNS: dict[str, str] = {
     "head_dim": "INTEGER",
     "dtype": "TEXT",
     "options": "TEXT",  # JSON of the mechanism's options
-    "status": "TEXT NOT NULL",  # ok | skipped | error | timeout | oom
+    "status": "TEXT NOT NULL",  # ok | skipped | error | timeout | oom | not_applicable | diverged
     "reason": "TEXT",
     "median_ms": "REAL",
     "min_ms": "REAL",
@@ -74,6 +75,7 @@ RESULT_COLUMNS: dict[str, str] = {
     "peak_fraction": "REAL",
     "state_bytes": "INTEGER",
     "error": "REAL",  # fidelity: relative error against exact softmax
+    "score": "REAL",  # quality: the task's metric on its test data (extra names it and its direction)
     "extra": "TEXT",  # JSON: anything kind-specific (temperature, input kind, peer package...)
     "calib_gflops": "REAL",  # a quick matmul just before the case: the machine's speed right then
     "others_cores": "REAL",  # CPU other processes used during the case, in cores
@@ -189,8 +191,6 @@ class Store:
 
     def _upgrade(self) -> None:
         """Add the columns a store of an older schema lacks (its old rows read NULL there)."""
-        if self.con.execute("PRAGMA user_version").fetchone()[0] >= SCHEMA_VERSION:
-            return
         for table, columns in (("runs", RUN_COLUMNS), ("results", RESULT_COLUMNS)):
             have = {r[1] for r in self.con.execute(f"PRAGMA table_info({table})")}
             for name, kind in columns.items():
@@ -288,8 +288,9 @@ class Store:
             )
 
     def done(self, case_key: str) -> bool:
-        """Whether a case already has a final result (measured, or skipped for a recorded reason)."""
-        q = "SELECT 1 FROM results WHERE case_key = ? AND status IN ('ok', 'skipped') LIMIT 1"
+        """Whether a case already has a final result (measured, skipped for a recorded reason, not applicable,
+        or diverged: a seeded training run diverges again)."""
+        q = f"SELECT 1 FROM results WHERE case_key = ? AND status IN {FINAL} LIMIT 1"
         with self._sqlite_errors("read"):
             return self.con.execute(q, (case_key,)).fetchone() is not None
 

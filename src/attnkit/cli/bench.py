@@ -25,6 +25,8 @@ from ..report import build_report
 
 log = logging.getLogger(__name__)
 MAX_RUNS = 10_000
+DEMO_TASKS = ["mqar", "listops", "induction"]  # the demo's quality run: a few minutes of training
+DEMO_QUALITY = ["softmax", "linear", "sliding_window"]
 
 DEFAULT_REPORT = "attnkit-report.html"
 
@@ -225,7 +227,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     args.time_budget, args.memory_budget, args.wait_quiet = None, None, False
     print(
         "attnkit demo: the quick benchmark (every mechanism and pattern, T = 256, 1K, 4K, forward, fp32),"
-        " a fidelity sweep, then the report.",
+        " a fidelity sweep, a quick quality run (softmax, linear, sliding_window on MQAR, ListOps,"
+        " induction heads), then the report.",
         flush=True,
     )
     speed = _speed(args)
@@ -236,10 +239,17 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if fid.interrupted:
         return _finish(fid)
     print(fid.text())
+    from .quality import quality_summary, run_quality
+
+    qual = run_quality(args, tasks=DEMO_TASKS, names=DEMO_QUALITY, preset="quick", seeds=(0,))
+    if qual.interrupted:
+        return _finish(qual)
+    print(qual.text())
     print("\n" + speed_summary(args.db) + "\n")
+    print(quality_summary(args.db) + "\n")
     path = build_report(args.db, args.out)
     print(f"Report: {path.resolve()}\nResults: {Path(args.db).resolve()}")
-    return _finish(speed) or _finish(fid)
+    return _finish(speed) or _finish(fid) or _finish(qual)
 
 
 def _store_args(p: argparse.ArgumentParser) -> None:
@@ -324,6 +334,10 @@ def add_parsers(sub) -> None:
                    help="default: 256 1024 4096 (or 256,1024,4096)")  # fmt: skip
     p.set_defaults(func=cmd_fidelity)
 
+    from . import quality
+
+    quality.add_parser(bsub, _sweep_args)
+
     p = sub.add_parser(
         "export",
         help="write the stored results as CSV or JSON",
@@ -332,7 +346,7 @@ def add_parsers(sub) -> None:
     _store_args(p)
     p.add_argument("--format", choices=["csv", "json"], default="csv")
     p.add_argument("--out", default="-", metavar="FILE", help="output file (default: stdout)")
-    p.add_argument("--kind", choices=["speed", "decode", "fidelity", "peer"], help="only this kind of row")
+    p.add_argument("--kind", choices=["speed", "decode", "fidelity", "peer", "quality"], help="only this kind of row")
     p.add_argument("--all", action="store_true", help="every row, not just the latest per case")
     p.set_defaults(func=cmd_export)
 
@@ -348,9 +362,10 @@ def add_parsers(sub) -> None:
 
     p = sub.add_parser(
         "demo",
-        help="the quick benchmark, a fidelity sweep and the report, in a few minutes",
+        help="the quick benchmark, a fidelity sweep, a quick quality run and the report, in a few minutes",
         description="Run the quick preset (every mechanism and pattern, T = 256, 1K, 4K, forward,"
-        " fp32, plus decoding), a small fidelity sweep, print a summary and write the report.",
+        " fp32, plus decoding), a small fidelity sweep and a quick quality run (softmax, linear and"
+        " sliding_window trained on MQAR, ListOps and induction heads), print a summary and write the report.",
     )
     _sweep_args(p)
     p.add_argument("--out", default=DEFAULT_REPORT, metavar="FILE", help=f"report file (default: {DEFAULT_REPORT})")

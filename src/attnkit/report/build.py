@@ -11,6 +11,7 @@ from ..bench.store import Store
 from ..errors import AttnkitError
 from . import charts, sections
 from .answer import answer
+from .quality import quality
 
 STYLE = """
 body { font: 14px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 0 auto; max-width: 1400px;
@@ -52,6 +53,7 @@ SECTIONS = [
     ("efficiency", "Efficiency length and scaling exponent", sections.efficiency),
     ("memory", "Peak memory", sections.memory),
     ("fidelity", "Fidelity: distance from exact softmax", sections.fidelity),
+    ("quality", "Quality: small models trained on each task", quality),
     ("decode", "Decoding cost and state size", sections.decode),
     ("peers", "Peers", sections.peers),
     ("problems", "Skipped, failed and doubtful cases", sections.problems),

@@ -1,0 +1,183 @@
+"""Quality cases: train a small model whose attention is the mechanism under test on one task, evaluate it.
+
+One more kind of the benchmark's one case protocol (``case.BenchCase``): each case runs in a fresh
+worker, lands in the same store, resumes and is interrupted like the speed cases. A mechanism that
+lacks the task's pattern is recorded ``not_applicable``; a run whose loss stops being finite is
+recorded ``diverged`` with its step, and the sweep goes on.
+
+The backbone follows the task's output: token tasks train ``nn.CausalLM`` (causal_self), class tasks
+``nn.EncoderClassifier`` (noncausal_self). Every mechanism gets the same model size, data, steps,
+seed and the task's one learning rate (chosen once, with softmax), so the comparison is fair.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from ..api import info
+from ..errors import InvalidOption
+from ..nn import CausalLM, EncoderClassifier
+from .case import BenchCase, Budget
+from .tasks import IGNORE, TaskData, get_task
+from .tasks import REGISTRY as TASKS
+
+# model sizes per preset (Zoology's MQAR models are 2 blocks of width 64-128)
+MODEL: dict[str, dict[str, Any]] = {
+    "quick": {"dim": 32, "depth": 2, "heads": 2, "mlp_ratio": 2.0},
+    "cpu": {"dim": 64, "depth": 2, "heads": 4, "mlp_ratio": 2.0},
+    "gpu": {"dim": 128, "depth": 2, "heads": 4, "mlp_ratio": 4.0},
+}
+CURVE_POINTS = 10  # the metric is evaluated this many times during training (the learning curve)
+EVAL_EXAMPLES = 256  # the curve's evaluations use at most this many test examples
+
+
+@dataclass(frozen=True)
+class QualityCase(BenchCase):
+    kind: ClassVar[str] = "quality"
+    timed: ClassVar[bool] = False  # its cost is training, not one call: no skip prediction from latencies
+
+    task: str
+    mechanism: str
+    preset: str = "quick"
+    seed: int = 0
+    options: dict[str, Any] = field(default_factory=dict)
+    device: str = "cpu"
+
+    @property
+    def _task(self):
+        return get_task(self.task)
+
+    @property
+    def tokens(self) -> int:
+        return self._task.preset(self.preset).seq_len
+
+    @property
+    def pattern(self) -> str:
+        return self._task.patterns[0].value
+
+    @property
+    def series(self) -> tuple:
+        return ("quality", self.task, self.mechanism, self.preset, json.dumps(self.options, sort_keys=True))
+
+    def key(self, device_name: str, threads: int) -> str:
+        task = self._task
+        what = {"kind": "quality", **asdict(self), "version": task.VERSION, "device_name": device_name}
+        return json.dumps(what, sort_keys=True)  # threads change the time, not the score
+
+    def label(self) -> str:
+        return f"{self.mechanism} on {self.task} ({self.preset}, seed {self.seed})"
+
+    def row(self) -> dict[str, Any]:
+        task = self._task
+        return {
+            "kind": "quality",
+            "mechanism": self.mechanism,
+            "path": "auto",
+            "pattern": self.pattern,
+            "mode": "train",
+            "tokens": self.tokens,
+            "dtype": "float32",
+            "options": self.options,
+            "extra": {
+                "task": self.task,
+                "version": task.VERSION,
+                "preset": self.preset,
+                "seed": self.seed,
+                "metric": task.metric.name,
+                "higher_is_better": task.metric.higher_is_better,
+            },  # fmt: skip
+        }
+
+    def measure(self, threads: int, budget: Budget) -> dict[str, Any]:
+        task = self._task
+        missing = [p for p in task.patterns if p not in info(self.mechanism).patterns]
+        if missing:
+            return {"status": "not_applicable", "reason": f"{self.mechanism} does not support {missing[0].value}"}
+        return train_and_evaluate(self, task)
+
+
+def build_model(case: QualityCase, task, vocab: int) -> torch.nn.Module:
+    size = dict(MODEL[case.preset])
+    common = dict(mechanism=case.mechanism, positions="rope", max_positions=None, **size, **case.options)
+    if task.output == "class":
+        return EncoderClassifier(task.num_classes, vocab=vocab, pooling="mean", **common)
+    return CausalLM(vocab, **common)
+
+
+def _loss(task, model, batch: TaskData) -> tuple[torch.Tensor, torch.Tensor]:
+    if task.output == "class":
+        logits = model(batch.inputs, key_padding_mask=batch.pad_mask)  # [B, classes]
+        return F.cross_entropy(logits, batch.targets), logits
+    logits = model(batch.inputs)  # [B, T, V]
+    targets = batch.targets if batch.loss_mask is None else batch.targets.masked_fill(~batch.loss_mask, IGNORE)
+    return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE), logits
+
+
+@torch.no_grad()
+def evaluate(task, model, data: TaskData, batch_size: int) -> float:
+    """The task's metric over ``data``, in batches (logits gathered on CPU)."""
+    model.eval()
+    outs = [_loss(task, model, b)[1] for b in data.batches(batch_size)]
+    model.train()
+    return task.metric(torch.cat(outs), data.targets, data.loss_mask)
+
+
+def train_and_evaluate(case: QualityCase, task) -> dict[str, Any]:
+    p = task.preset(case.preset)
+    train = task.make("train", case.preset, seed=case.seed)
+    tests = [(v, task.make("test", case.preset, seed=case.seed, **v)) for v in task.variants(case.preset)]
+    torch.manual_seed(case.seed)
+    model = build_model(case, task, p.vocab).to(case.device)
+    params = sum(t.numel() for t in model.parameters())
+    opt = torch.optim.AdamW(model.parameters(), lr=task.lr, weight_decay=0.1)
+    every = max(1, p.steps // CURVE_POINTS)
+    probe = tests[0][1].select(torch.arange(min(EVAL_EXAMPLES, len(tests[0][1]))))
+    curve, step, epoch, seen = [], 0, 0, 0
+    started = time.perf_counter()
+    while step < p.steps:
+        for batch in train.batches(p.batch_size, seed=case.seed * 1000 + epoch):
+            loss, _ = _loss(task, model, batch)
+            if not math.isfinite(loss.item()):
+                return {"status": "diverged", "reason": f"the loss became {loss.item()} at step {step}",
+                        "extra": {**case.row()["extra"], "step": step, "curve": curve}}  # fmt: skip
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            seen += batch.inputs.numel()
+            if step % every == 0 or step == p.steps:
+                curve.append((step, round(loss.item(), 5), evaluate(task, model, probe, p.batch_size)))
+            if step >= p.steps:
+                break
+        epoch += 1
+    wall = time.perf_counter() - started
+    scores = {json.dumps(v, sort_keys=True): evaluate(task, model, data, p.batch_size) for v, data in tests}
+    score = sum(scores.values()) / len(scores)
+    extra = {**case.row()["extra"], "variants": scores, "curve": curve, "params": params, "steps": p.steps,
+             "tokens_per_s": seen / wall, "lr": task.lr}  # fmt: skip
+    return {"status": "ok", "score": score, "median_ms": wall * 1e3 / p.steps, "extra": extra}
+
+
+def quality_cases(*, tasks, names, preset: str, seeds: tuple[int, ...], device: str = "cpu") -> list[QualityCase]:
+    """Every (task, mechanism, seed); a mechanism without a task's pattern gives a not-applicable case."""
+    from .cases import select_mechanisms, split_names
+
+    if preset not in MODEL:
+        raise InvalidOption(f"unknown quality preset {preset!r}; expected one of {', '.join(MODEL)}")
+    task_names = []
+    for glob in split_names(tasks):
+        found = TASKS.names(glob)
+        if not found:
+            TASKS.get(glob)  # raises UnknownTask, with "did you mean" and the valid names
+        task_names.extend(found)
+    mechs = select_mechanisms(names)
+    return [
+        QualityCase(t, m, preset, s, device=device) for t in dict.fromkeys(task_names) for m in mechs for s in seeds
+    ]
