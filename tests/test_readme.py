@@ -37,6 +37,15 @@ def test_readme_usage_example_runs():
     assert scope["loss"].ndim == 0 and scope["loss"].requires_grad
 
 
+def test_readme_backbone_example_runs():
+    text = README.read_text(encoding="utf-8")
+    section = text[text.index("### Quality: small models") :]
+    block = re.findall(r"```python\n(.*?)```", section, flags=re.S)[0]
+    scope: dict = {}
+    exec(compile(block, str(README), "exec"), scope)  # noqa: S102 - our own README
+    assert scope["logits"].shape == (8, 64, 128)
+
+
 def test_readme_catalogue_is_the_live_attnkit_list(capsys):
     """The table under 'What is in it' is exactly what `attnkit list` prints now (it cannot go stale)."""
     blocks = re.findall(r"```\n(.*?)```", _section("What is in it: `attnkit list`"), flags=re.S)
