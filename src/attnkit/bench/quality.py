@@ -25,6 +25,7 @@ from ..api import info
 from ..errors import InvalidOption
 from ..nn import CausalLM, EncoderClassifier
 from .case import BenchCase, Budget
+from .cases import select_mechanisms, split_names
 from .tasks import IGNORE, TaskData, get_task
 from .tasks import REGISTRY as TASKS
 
@@ -171,8 +172,6 @@ def train_and_evaluate(case: QualityCase, task) -> dict[str, Any]:
 
 def quality_cases(*, tasks, names, preset: str, seeds: tuple[int, ...], device: str = "cpu") -> list[QualityCase]:
     """Every (task, mechanism, seed); a mechanism without a task's pattern gives a not-applicable case."""
-    from .cases import select_mechanisms, split_names
-
     if preset not in MODEL:
         raise InvalidOption(f"unknown quality preset {preset!r}; expected one of {', '.join(MODEL)}")
     task_names = []
