@@ -171,6 +171,10 @@ def test_backbone_argument_errors():
         EncoderClassifier(3, dim=D, heads=H)
     with pytest.raises(InvalidOption, match="pooling"):
         EncoderClassifier(3, vocab=V, dim=D, heads=H, pooling="max")
+    for bad in (0, -1.0, float("nan"), float("inf"), "1"):
+        with pytest.raises(InvalidOption, match="embed_std"):
+            CausalLM(vocab=V, dim=D, heads=H, embed_std=bad)
+    assert CausalLM(vocab=V, dim=D, heads=H, embed_std=1.0).inputs.embed.weight.std() > 0.5
     with pytest.raises(attnkit.UnknownMechanism):
         CausalLM(vocab=V, dim=D, heads=H, mechanism="softmaxx")
     layer = attnkit.Attention(D, H, pattern="noncausal_cross")

@@ -8,6 +8,7 @@ warm-up tricks). The attention is :class:`attnkit.Attention` around any register
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -198,8 +199,19 @@ class InputEmbedding(nn.Module):
     """Token ids ``[B, T]`` through an embedding (``vocab``) or real values ``[B, T, in_dim]`` through a linear
     map (``in_dim``: series, pixels), plus learned absolute positions when asked -> ``[B, T, dim]``."""
 
-    def __init__(self, dim: int, *, vocab: int | None, in_dim: int | None, positions: str, max_positions: int | None):
+    def __init__(
+        self,
+        dim: int,
+        *,
+        vocab: int | None,
+        in_dim: int | None,
+        positions: str,
+        max_positions: int | None,
+        embed_std: float = 0.02,
+    ):
         super().__init__()
+        if not (isinstance(embed_std, (int, float)) and 0 < embed_std < math.inf):
+            raise InvalidOption(f"embed_std must be a positive finite number; got {embed_std!r}")
         if (vocab is None) == (in_dim is None):
             raise InvalidOption(
                 f"give exactly one of vocab= (token ids) and in_dim= (real values); got {vocab=}, {in_dim=}"
@@ -208,7 +220,8 @@ class InputEmbedding(nn.Module):
         self.vocab, self.in_dim = vocab, in_dim
         self.embed = nn.Embedding(vocab, dim) if vocab is not None else nn.Linear(in_dim, dim)
         if vocab is not None:
-            nn.init.normal_(self.embed.weight, std=0.02)  # GPT-2's scale
+            # GPT-2's 0.02 by default; tiny models trained briefly on recall tasks want PyTorch's 1.0 (bench/quality.py)
+            nn.init.normal_(self.embed.weight, std=embed_std)
         self.pos = nn.Embedding(max_positions, dim) if positions == "learned" else None
         if self.pos is not None:
             nn.init.normal_(self.pos.weight, std=0.02)

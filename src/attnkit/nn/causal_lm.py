@@ -33,6 +33,8 @@ class CausalLM(nn.Module):
         mlp_ratio: MLP width / dim; 0 for no MLP (Zoology's MQAR models).
         tie_weights: the output head reuses the token embedding (fewer parameters, as GPT-2).
         dropout: on embeddings and residual branches; 0 by default (tiny models on synthetic tasks).
+        embed_std: the token embedding's initial standard deviation (GPT-2's 0.02; the quality benchmark's
+            tiny untied models use 1.0, with which softmax learns MQAR in a few hundred steps).
         **options: the mechanism's options.
     """
 
@@ -51,6 +53,7 @@ class CausalLM(nn.Module):
         mlp_ratio: float = 4.0,
         tie_weights: bool = True,
         dropout: float = 0.0,
+        embed_std: float = 0.02,
         **options: Any,
     ):
         super().__init__()
@@ -58,7 +61,9 @@ class CausalLM(nn.Module):
         if kv_heads is not None:
             options["kv_heads"] = kv_heads
         self.vocab, self.dim, self.positions = vocab, dim, positions
-        self.inputs = InputEmbedding(dim, vocab=vocab, in_dim=None, positions=positions, max_positions=max_positions)
+        self.inputs = InputEmbedding(
+            dim, vocab=vocab, in_dim=None, positions=positions, max_positions=max_positions, embed_std=embed_std
+        )
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(
             Block(

@@ -22,7 +22,8 @@ class Encoder(nn.Module):
     """Input embedding, ``depth`` pre-LN blocks with ``noncausal_self`` attention, final LN.
 
     Takes token ids (``vocab``) or real values (``in_dim``); ``positions`` is ``"learned"`` (up to
-    ``max_positions``), ``"rope"`` or ``"none"``. ``backbone`` names the model in error messages.
+    ``max_positions``), ``"rope"`` or ``"none"``; ``embed_std`` is the token embedding's initial standard
+    deviation (as in :class:`attnkit.nn.CausalLM`). ``backbone`` names the model in error messages.
     """
 
     def __init__(
@@ -38,12 +39,15 @@ class Encoder(nn.Module):
         max_positions: int | None = 2048,
         mlp_ratio: float = 4.0,
         dropout: float = 0.0,
+        embed_std: float = 0.02,
         options: dict[str, Any] | None = None,
         backbone: str = "Encoder",
     ):
         super().__init__()
         require_patterns(backbone, mechanism, [Pattern.NONCAUSAL_SELF])
-        self.inputs = InputEmbedding(dim, vocab=vocab, in_dim=in_dim, positions=positions, max_positions=max_positions)
+        self.inputs = InputEmbedding(
+            dim, vocab=vocab, in_dim=in_dim, positions=positions, max_positions=max_positions, embed_std=embed_std
+        )
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(
             Block(
@@ -88,7 +92,7 @@ class EncoderClassifier(nn.Module):
         mechanism: registered mechanism name; it must support ``noncausal_self`` (else ``UnsupportedPattern``).
         pooling: ``"cls"`` (a learned token prepended to every sequence; its output is the summary, as
             BERT and ViT) or ``"mean"`` (the average over real tokens, as LRA's ListOps baselines).
-        positions, max_positions, mlp_ratio, dropout: as in :class:`Encoder` (learned positions count the
+        positions, max_positions, mlp_ratio, dropout, embed_std: as in :class:`Encoder` (learned positions count the
             CLS token, so they need ``max_positions >= T + 1`` with CLS pooling).
         **options: the mechanism's options.
     """
@@ -108,6 +112,7 @@ class EncoderClassifier(nn.Module):
         max_positions: int | None = 2048,
         mlp_ratio: float = 4.0,
         dropout: float = 0.0,
+        embed_std: float = 0.02,
         **options: Any,
     ):
         super().__init__()
@@ -125,6 +130,7 @@ class EncoderClassifier(nn.Module):
             max_positions=max_positions,
             mlp_ratio=mlp_ratio,
             dropout=dropout,
+            embed_std=embed_std,
             options=options,
             backbone="EncoderClassifier",
         )

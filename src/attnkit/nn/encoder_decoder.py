@@ -35,7 +35,7 @@ class EncoderDecoder(nn.Module):
             share information (RALA pools them, for instance), which suits a decoder that predicts all steps
             at once from known inputs; for mechanisms whose outputs are per query (softmax, linear, ...) the
             two are the same. Calls with state always use ``causal_cross``.
-        positions, max_positions, mlp_ratio, dropout: as in :class:`attnkit.nn.CausalLM`.
+        positions, max_positions, mlp_ratio, dropout, embed_std: as in :class:`attnkit.nn.CausalLM`.
         **options: the mechanism's options (the same in every attention).
     """
 
@@ -55,6 +55,7 @@ class EncoderDecoder(nn.Module):
         max_positions: int | None = 2048,
         mlp_ratio: float = 4.0,
         dropout: float = 0.0,
+        embed_std: float = 0.02,
         **options: Any,
     ):
         super().__init__()
@@ -76,10 +77,13 @@ class EncoderDecoder(nn.Module):
             max_positions=max_positions,
             mlp_ratio=mlp_ratio,
             dropout=dropout,
+            embed_std=embed_std,
             options=options,
             backbone="EncoderDecoder",
         )
-        self.inputs = InputEmbedding(dim, vocab=vocab, in_dim=in_dim, positions=positions, max_positions=max_positions)
+        self.inputs = InputEmbedding(
+            dim, vocab=vocab, in_dim=in_dim, positions=positions, max_positions=max_positions, embed_std=embed_std
+        )
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(
             Block(
