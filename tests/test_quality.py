@@ -74,3 +74,34 @@ def test_same_seed_same_model_and_data():
     first = quality.train_and_evaluate(a, a._task)
     second = quality.train_and_evaluate(a, a._task)
     assert first["score"] == second["score"] and first["extra"]["curve"] == second["extra"]["curve"]
+
+
+def test_lr_sweep_trains_each_rate_and_keeps_the_best(tmp_path, capsys):
+    from attnkit.cli.quality import quality_scores
+
+    db = tmp_path / "q.sqlite"
+    argv = ["bench", "quality", "--db", str(db), "--no-progress", "--tasks", "mqar", "--mechanisms", "softmax",
+            "--lr-sweep", "1e-4,3e-2"]  # fmt: skip
+    assert main(argv) == 0
+    with Store(db, readonly=True) as st:
+        rows = st.results("quality")
+    assert sorted(r["extra"]["lr"] for r in rows) == [1e-4, 3e-2] and all(r["extra"]["lr_swept"] for r in rows)
+    best = max(r["score"] for r in rows)
+    assert quality_scores(rows)[("mqar", "higher")]["softmax"] == [best]
+    capsys.readouterr()
+    for bad in ("0", "1.5", "nan", "fast"):
+        with pytest.raises(SystemExit):
+            main([*argv[:-1], bad])
+        assert "learning rate" in capsys.readouterr().err
+
+
+def test_best_over_lr_follows_the_metric_direction():
+    def row(score, lr, higher=True, seed=0):
+        extra = {"task": "t", "preset": "quick", "seed": seed, "version": 1, "higher_is_better": higher, "lr": lr}
+        return {"kind": "quality", "status": "ok", "score": score, "mechanism": "m", "options": {}, "extra": extra}
+
+    assert quality.best_over_lr([row(0.2, 1e-3), row(0.9, 1e-2)])[0]["extra"]["lr"] == 1e-2
+    assert quality.best_over_lr([row(0.2, 1e-3, False), row(0.9, 1e-2, False)])[0]["extra"]["lr"] == 1e-3
+    assert len(quality.best_over_lr([row(0.2, 1e-3, seed=0), row(0.9, 1e-2, seed=1)])) == 2
+    with pytest.raises(InvalidOption, match="learning rate"):
+        QualityCase("mqar", "softmax", lr=2.0**70)

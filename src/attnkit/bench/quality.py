@@ -40,6 +40,8 @@ MODEL: dict[str, dict[str, Any]] = {
     "cpu": {"dim": 64, "depth": 2, "heads": 4, "mlp_ratio": 4.0},
     "gpu": {"dim": 128, "depth": 2, "heads": 4, "mlp_ratio": 4.0},
 }
+# --lr-sweep: Zoology's grid (logspace(-4, -2, 4)); per (task, mechanism, seed) the best learning rate counts
+LR_GRID = (1e-4, 4.6e-4, 2.2e-3, 1e-2)
 CURVE_POINTS = 10  # the metric is evaluated this many times during training (the learning curve)
 EVAL_EXAMPLES = 256  # the curve's evaluations use at most this many test examples
 
@@ -55,6 +57,15 @@ class QualityCase(BenchCase):
     seed: int = 0
     options: dict[str, Any] = field(default_factory=dict)
     device: str = "cpu"
+    lr: float | None = None  # None: the task's one learning rate; set by --lr-sweep
+
+    def __post_init__(self):
+        if self.lr is not None and not (isinstance(self.lr, float) and 0 < self.lr < 1):
+            raise InvalidOption(f"learning rate must be a float in (0, 1); got {self.lr!r}")
+
+    @property
+    def learning_rate(self) -> float:
+        return self._task.lr if self.lr is None else self.lr
 
     @property
     def _task(self):
@@ -70,15 +81,19 @@ class QualityCase(BenchCase):
 
     @property
     def series(self) -> tuple:
-        return ("quality", self.task, self.mechanism, self.preset, json.dumps(self.options, sort_keys=True))
+        options = json.dumps(self.options, sort_keys=True)
+        return ("quality", self.task, self.mechanism, self.preset, options, self.learning_rate)
 
     def key(self, device_name: str, threads: int) -> str:
         task = self._task
         what = {"kind": "quality", **asdict(self), "version": task.VERSION, "device_name": device_name}
+        if self.lr is None:
+            del what["lr"]  # the task's own rate: keys of stores written before --lr-sweep stay valid
         return json.dumps(what, sort_keys=True)  # threads change the time, not the score
 
     def label(self) -> str:
-        return f"{self.mechanism} on {self.task} ({self.preset}, seed {self.seed})"
+        lr = "" if self.lr is None else f", lr {self.lr:g}"
+        return f"{self.mechanism} on {self.task} ({self.preset}, seed {self.seed}{lr})"
 
     def row(self) -> dict[str, Any]:
         task = self._task
@@ -98,6 +113,8 @@ class QualityCase(BenchCase):
                 "seed": self.seed,
                 "metric": task.metric.name,
                 "higher_is_better": task.metric.higher_is_better,
+                "lr": self.learning_rate,
+                "lr_swept": self.lr is not None,
             },  # fmt: skip
         }
 
@@ -144,7 +161,7 @@ def train_and_evaluate(case: QualityCase, task) -> dict[str, Any]:
     longest = max(data.inputs.shape[1] for data in [train, *(d for _, d in tests)])
     model = build_model(case, task, p.vocab, longest).to(case.device)
     params = sum(t.numel() for t in model.parameters())
-    opt = torch.optim.AdamW(model.parameters(), lr=task.lr, weight_decay=0.1)
+    opt = torch.optim.AdamW(model.parameters(), lr=case.learning_rate, weight_decay=0.1)
     every = max(1, p.steps // CURVE_POINTS)
     probe = tests[0][1].select(torch.arange(min(EVAL_EXAMPLES, len(tests[0][1]))))
     curve, step, epoch, seen = [], 0, 0, 0
@@ -169,12 +186,15 @@ def train_and_evaluate(case: QualityCase, task) -> dict[str, Any]:
     scores = {json.dumps(v, sort_keys=True): evaluate(task, model, data, p.batch_size) for v, data in tests}
     score = sum(scores.values()) / len(scores)
     extra = {**case.row()["extra"], "variants": scores, "curve": curve, "params": params, "steps": p.steps,
-             "tokens_per_s": seen / wall, "lr": task.lr}  # fmt: skip
+             "tokens_per_s": seen / wall}  # fmt: skip
     return {"status": "ok", "score": score, "median_ms": wall * 1e3 / p.steps, "extra": extra}
 
 
-def quality_cases(*, tasks, names, preset: str, seeds: tuple[int, ...], device: str = "cpu") -> list[QualityCase]:
-    """Every (task, mechanism, seed); a mechanism without a task's pattern gives a not-applicable case."""
+def quality_cases(
+    *, tasks, names, preset: str, seeds: tuple[int, ...], device: str = "cpu", lrs: tuple[float, ...] | None = None
+) -> list[QualityCase]:
+    """Every (task, mechanism, seed), at each of ``lrs`` (None: the task's one rate); a mechanism without a
+    task's pattern gives a not-applicable case."""
     if preset not in MODEL:
         raise InvalidOption(f"unknown quality preset {preset!r}; expected one of {', '.join(MODEL)}")
     task_names = []
@@ -184,6 +204,28 @@ def quality_cases(*, tasks, names, preset: str, seeds: tuple[int, ...], device: 
             TASKS.get(glob)  # raises UnknownTask, with "did you mean" and the valid names
         task_names.extend(found)
     mechs = select_mechanisms(names)
+    rates = (None,) if not lrs else tuple(dict.fromkeys(float(lr) for lr in lrs))
     return [
-        QualityCase(t, m, preset, s, device=device) for t in dict.fromkeys(task_names) for m in mechs for s in seeds
+        QualityCase(t, m, preset, s, device=device, lr=lr)
+        for t in dict.fromkeys(task_names)
+        for m in mechs
+        for s in seeds
+        for lr in rates
     ]
+
+
+def best_over_lr(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Ok quality rows with one row per (task, mechanism, preset, seed, options): a learning-rate sweep keeps
+    its best rate (Zoology and MAD report the max over their lr grid); rows without a sweep pass through."""
+    best: dict[tuple, dict[str, Any]] = {}
+    for r in rows:
+        if r["kind"] != "quality" or r["status"] != "ok" or r.get("score") is None:
+            continue
+        extra = r.get("extra") or {}
+        key = (extra.get("task"), r["mechanism"], extra.get("preset"), extra.get("seed"), extra.get("version"),
+               json.dumps(r.get("options") or {}, sort_keys=True))  # fmt: skip
+        higher = extra.get("higher_is_better", True)
+        old = best.get(key)
+        if old is None or (r["score"] > old["score"] if higher else r["score"] < old["score"]):
+            best[key] = r
+    return list(best.values())

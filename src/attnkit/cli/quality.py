@@ -6,7 +6,7 @@ import argparse
 from collections import defaultdict
 
 from ..bench.case import Budget
-from ..bench.quality import MODEL, quality_cases
+from ..bench.quality import LR_GRID, MODEL, best_over_lr, quality_cases
 from ..bench.runner import run_cases
 from ..bench.store import Store
 
@@ -15,13 +15,13 @@ QUALITY_BUDGET_S = {"quick": 120.0, "cpu": 900.0, "gpu": 1800.0}
 
 
 def quality_scores(rows: list[dict]) -> dict[tuple[str, str], dict[str, list[float]]]:
-    """(task, metric direction) -> mechanism -> the scores of its seeds, from ok quality rows."""
+    """(task, metric direction) -> mechanism -> the scores of its seeds (the best learning rate of a sweep),
+    from ok quality rows."""
     out: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for r in rows:
-        if r["kind"] == "quality" and r["status"] == "ok" and r.get("score") is not None:
-            extra = r.get("extra") or {}
-            key = (str(extra.get("task")), "higher" if extra.get("higher_is_better", True) else "lower")
-            out[key][r["mechanism"]].append(r["score"])
+    for r in best_over_lr(rows):
+        extra = r.get("extra") or {}
+        key = (str(extra.get("task")), "higher" if extra.get("higher_is_better", True) else "lower")
+        out[key][r["mechanism"]].append(r["score"])
     return out
 
 
@@ -41,8 +41,8 @@ def quality_summary(db: str) -> str:
     return "\n".join(lines)
 
 
-def run_quality(args: argparse.Namespace, *, tasks, names, preset: str, seeds) -> object:
-    cases = quality_cases(tasks=tasks, names=names, preset=preset, seeds=tuple(seeds))
+def run_quality(args: argparse.Namespace, *, tasks, names, preset: str, seeds, lrs=None) -> object:
+    cases = quality_cases(tasks=tasks, names=names, preset=preset, seeds=tuple(seeds), lrs=lrs)
     budget = Budget(time_s=QUALITY_BUDGET_S[preset], timing_s=0.0)
     with Store(args.db) as store:
         print(f"{len(cases)} quality cases ({preset}) into {args.db}", flush=True)
@@ -52,8 +52,9 @@ def run_quality(args: argparse.Namespace, *, tasks, names, preset: str, seeds) -
 def cmd_quality(args: argparse.Namespace) -> int:
     from .bench import _finish, flatten
 
+    lrs = None if args.lr_sweep is None else (flatten(args.lr_sweep) or LR_GRID)  # given alone: the grid
     summary = run_quality(args, tasks=args.tasks, names=args.mechanisms, preset=args.preset,
-                          seeds=flatten(args.seeds) or (0,))  # fmt: skip
+                          seeds=flatten(args.seeds) or (0,), lrs=lrs)  # fmt: skip
     print(summary.text())
     print("\n" + quality_summary(args.db))
     return _finish(summary)
@@ -69,6 +70,20 @@ def seed_list(text: str) -> list[int]:
             raise argparse.ArgumentTypeError(f"expected an integer seed, got {part!r}") from None
         if not 0 <= value < 2**31:
             raise argparse.ArgumentTypeError(f"seeds are integers from 0 to {2**31 - 1}; got {part!r}")
+        out.append(value)
+    return out
+
+
+def learning_rates(text: str) -> list[float]:
+    """``1e-3 3e-3`` or ``1e-3,3e-3``: learning rates, floats in (0, 1)."""
+    out = []
+    for part in text.replace(",", " ").split():
+        try:
+            value = float(part)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a learning rate such as 1e-3, got {part!r}") from None
+        if not 0 < value < 1:  # also refuses nan and inf
+            raise argparse.ArgumentTypeError(f"learning rates are floats in (0, 1); got {part!r}")
         out.append(value)
     return out
 
@@ -90,4 +105,14 @@ def add_parser(bsub, sweep_args) -> None:
     p.add_argument("--preset", choices=sorted(MODEL), default="quick", help="data and model sizes (default: quick)")
     p.add_argument("--tasks", nargs="+", default=["*"], metavar="TASK", help="task names or wildcards (default: all)")
     p.add_argument("--seeds", nargs="+", type=seed_list, metavar="S", help="training seeds (default: 0)")
+    grid = " ".join(f"{lr:g}" for lr in LR_GRID)
+    p.add_argument(
+        "--lr-sweep",
+        nargs="*",
+        type=learning_rates,
+        metavar="LR",
+        help="train every case at each learning rate and keep the best per task, mechanism and seed, as Zoology"
+        f" and MAD do (meant for the gpu preset); alone: Zoology's grid {grid}. Default: each task's one rate,"
+        " chosen once with softmax",
+    )
     p.set_defaults(func=cmd_quality)
