@@ -48,13 +48,23 @@ def mechanism_label(row: dict[str, Any]) -> str:
     return f"{row['mechanism']} {options}" if options else str(row["mechanism"])
 
 
+def as_int(value: Any) -> int:
+    """A stored integer (task version, seed); 0 for anything else (a store is untrusted input)."""
+    try:
+        return int(value or 0)
+    except (TypeError, ValueError):
+        return 0
+
+
 def ok_quality(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The quality rows with a finite score."""
+    """The quality rows with a finite score and a task."""
     out = []
     for r in rows:
-        if r.get("kind") == "quality" and r.get("status") == "ok" and r.get("score") is not None:
-            if math.isfinite(r["score"]) and (r.get("extra") or {}).get("task"):
-                out.append(r)
+        if r.get("kind") != "quality" or r.get("status") != "ok" or not isinstance(r.get("extra"), dict):
+            continue
+        score = r.get("score")
+        if isinstance(score, (int, float)) and math.isfinite(score) and isinstance(r["extra"].get("task"), str):
+            out.append(r)
     return out
 
 
@@ -70,8 +80,8 @@ def seed_scores(rows: list[dict[str, Any]], preset: str) -> dict[TaskKey, dict[s
         extra = r.get("extra") or {}
         if extra.get("preset") != preset:
             continue
-        key = (str(r.get("pattern")), str(extra["task"]), int(extra.get("version") or 0))
-        acc[key][mechanism_label(r)][int(extra.get("seed") or 0)].append(float(r["score"]))
+        key = (str(r.get("pattern")), str(extra["task"]), as_int(extra.get("version")))
+        acc[key][mechanism_label(r)][as_int(extra.get("seed"))].append(float(r["score"]))
     return {
         k: {m: {s: sum(v) / len(v) for s, v in seeds.items()} for m, seeds in by_mech.items()}
         for k, by_mech in acc.items()
@@ -84,7 +94,7 @@ def task_info(rows: list[dict[str, Any]], preset: str) -> dict[TaskKey, dict[str
     for r in ok_quality(rows):
         extra = r.get("extra") or {}
         if extra.get("preset") == preset:
-            key = (str(r.get("pattern")), str(extra["task"]), int(extra.get("version") or 0))
+            key = (str(r.get("pattern")), str(extra["task"]), as_int(extra.get("version")))
             out.setdefault(
                 key, {"metric": extra.get("metric"), "higher_is_better": extra.get("higher_is_better", True)}
             )
