@@ -166,3 +166,22 @@ def test_the_shipped_reference_loads():
     for stats in ref["presets"]["quick"].values():
         assert stats["n_mechanisms"] >= 3 and stats["std"] >= SIGMA_FLOOR and "softmax" in stats["mechanisms"]
     assert load_reference(ROOT / "no-such-file.json") is None
+
+
+def test_the_cli_summary_gives_the_ci_per_pattern(tmp_path, monkeypatch):
+    from attnkit.cli import quality as cli_quality
+
+    monkeypatch.setattr(cli_quality, "load_reference", lambda: REF)
+    db = tmp_path / "s.sqlite"
+    rows = [q("softmax", "mqar", 0.7), q("linear", "mqar", 0.4), q("softmax", "listops", 0.3, pattern="noncausal_self"),
+            q("linear", "mqar", 0.9, preset="cpu")]  # fmt: skip
+    with Store(db) as st:
+        run = st.start_run("r", {"device": "cpu"}, "test")
+        for i, r in enumerate(rows):
+            st.add(run, {**r, "case_key": f"c{i}"})
+    text = cli_quality.quality_summary(str(db))
+    lines = [" ".join(line.split()) for line in text.splitlines()]
+    assert "causal_self softmax +2.00 mqar" in lines and "causal_self linear -1.00 mqar" in lines
+    assert "noncausal_self softmax +2.00 listops" in lines
+    assert lines.index("causal_self softmax +2.00 mqar") < lines.index("causal_self linear -1.00 mqar")
+    assert "no compositional index for the cpu preset: no reference statistics ship for it" in text
