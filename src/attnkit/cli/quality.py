@@ -8,6 +8,7 @@ from collections import defaultdict
 from ..bench.case import Budget
 from ..bench.quality import LR_GRID, MODEL, best_over_lr, quality_cases
 from ..bench.runner import run_cases
+from ..bench.scores import compositional_index, load_reference, presets_of, reference_tasks
 from ..bench.store import Store
 
 # per case: the worker is given 3x this before it is stopped (training, not one call)
@@ -25,10 +26,31 @@ def quality_scores(rows: list[dict]) -> dict[tuple[str, str], dict[str, list[flo
     return out
 
 
+def ci_summary(rows: list[dict]) -> list[str]:
+    """Lines: per preset and pattern, each mechanism's compositional index against the shipped reference
+    statistics (best first), or a line saying that none ship for the preset."""
+    reference = load_reference()
+    lines = []
+    for preset in presets_of(rows):
+        if not reference_tasks(reference, preset):
+            lines.append(f"no compositional index for the {preset} preset: no reference statistics ship for it")
+            continue
+        lines.append(
+            f"compositional index ({preset} preset; mean z over the tasks with a reference, higher is better):"
+        )
+        lines.append(f"{'pattern':<16}{'mechanism':<18}{'CI':>9}  tasks")
+        for pattern, by_mech in compositional_index(rows, reference, preset).items():
+            for mech, (ci, tasks) in sorted(by_mech.items(), key=lambda kv: (-kv[1][0], kv[0])):
+                lines.append(f"{pattern:<16}{mech:<18}{ci:>+9.2f}  {', '.join(tasks)}")
+    return lines
+
+
 def quality_summary(db: str) -> str:
-    """A terminal table: per task, each mechanism's mean score over its seeds and its difference from softmax."""
+    """A terminal table: per task, each mechanism's mean score over its seeds and its difference from softmax;
+    then each mechanism's compositional index per pattern, where reference statistics ship for the preset."""
     with Store(db, readonly=True) as store:
-        scores = quality_scores(store.results("quality"))
+        rows = store.results("quality")
+    scores = quality_scores(rows)
     lines = [f"{'task':<16}{'mechanism':<18}{'score':>9}{'vs softmax':>12}{'seeds':>7}"]
     for (task, _better), by_mech in sorted(scores.items()):
         base = by_mech.get("softmax")
@@ -38,7 +60,7 @@ def quality_summary(db: str) -> str:
             delta = f"{mean - ref:+.3f}" if ref is not None and mech != "softmax" else ""
             lines.append(f"{task:<16}{mech:<18}{mean:>9.3f}{delta:>12}{len(vals):>7}")
     lines.append("score: the task's metric on its test data (bits_per_byte: lower is better; others: higher).")
-    return "\n".join(lines)
+    return "\n".join(lines + [""] + ci_summary(rows))
 
 
 def run_quality(args: argparse.Namespace, *, tasks, names, preset: str, seeds, lrs=None) -> object:

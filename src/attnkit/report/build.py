@@ -21,28 +21,40 @@ nav a { margin-right: 14px; } .sub { color: #666; margin-top: 0; }
 .charts { display: flex; flex-wrap: wrap; gap: 12px; }
 figure.chart { margin: 0; background: #fff; border: 1px solid #e3e3e3; border-radius: 4px; padding: 4px; }
 figure.chart svg { display: block; max-width: 100%; height: auto; }
-figcaption { font-size: 11px; color: #666; padding: 0 6px 4px; }
+figcaption { font-size: 11px; color: #666; padding: 0 6px 4px; box-sizing: border-box;
+             width: 0; min-width: 100%; }  /* as wide as its chart: a long caption wraps */
 .doubt { color: #b35900; font-weight: 700; cursor: help; } .note { color: #555; width: 100%; }
 table.answer td { font-size: 13.5px; padding: 5px 10px; }
 table { border-collapse: collapse; margin: 8px 0; font-size: 12.5px; }
 th, td { border: 1px solid #ddd; padding: 3px 8px; text-align: left; } th { background: #f5f5f5; }
 td { font-variant-numeric: tabular-nums; } .empty { color: #888; font-style: italic; }
 code { background: #f3f3f3; padding: 0 3px; border-radius: 3px; }
+.qblock { width: 100%; } h3 { margin: 20px 0 6px; font-size: 15px; }
 """
 
-# Marks the page as rendered for the end-to-end test: counts charts that drew at least one series.
+# Marks the page as rendered for the end-to-end test: counts charts that drew at least one series mark
+# (a line, a point, a bar, a heatmap cell: a path or a marker's <use> inside a g#series-N, not the marker
+# definitions under <defs>) with a non-empty box, and lists the kinds of chart (data-kind) that drew.
 CHECK_SCRIPT = """
 window.addEventListener('error', function () {
   document.body.setAttribute('data-js-errors', String(1 + Number(document.body.getAttribute('data-js-errors') || 0)));
 });
 window.addEventListener('load', function () {
-  var charts = document.querySelectorAll('svg.chart'), drawn = 0;
+  var charts = document.querySelectorAll('svg.chart'), drawn = 0, kinds = {};
   charts.forEach(function (svg) {
-    var box = svg.getBoundingClientRect(), lines = svg.querySelectorAll('g[id^="series-"] path');
-    if (lines.length > 0 && lines[0].getBBox().width > 0 && box.width > 0 && box.height > 0) drawn++;
+    var box = svg.getBoundingClientRect();
+    var marks = Array.prototype.filter.call(
+      svg.querySelectorAll('g[id^="series-"] path, g[id^="series-"] use'),
+      function (el) { return !el.closest('defs'); });
+    var visible = marks.some(function (el) { var b = el.getBBox(); return b.width > 0 || b.height > 0; });
+    if (visible && box.width > 0 && box.height > 0) {
+      drawn++;
+      kinds[svg.getAttribute('data-kind')] = true;
+    }
   });
   document.body.setAttribute('data-charts', String(charts.length));
   document.body.setAttribute('data-charts-drawn', String(drawn));
+  document.body.setAttribute('data-kinds-drawn', Object.keys(kinds).sort().join(' '));
 });
 """
 
