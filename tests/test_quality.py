@@ -77,7 +77,7 @@ def test_same_seed_same_model_and_data():
 
 
 def test_lr_sweep_trains_each_rate_and_keeps_the_best(tmp_path, capsys):
-    from attnkit.cli.quality import quality_scores
+    from attnkit.bench.scores import seed_scores
 
     db = tmp_path / "q.sqlite"
     argv = ["bench", "quality", "--db", str(db), "--no-progress", "--tasks", "mqar", "--mechanisms", "softmax",
@@ -87,7 +87,7 @@ def test_lr_sweep_trains_each_rate_and_keeps_the_best(tmp_path, capsys):
         rows = st.results("quality")
     assert sorted(r["extra"]["lr"] for r in rows) == [1e-4, 3e-2] and all(r["extra"]["lr_swept"] for r in rows)
     best = max(r["score"] for r in rows)
-    assert quality_scores(rows)[("mqar", "higher")]["softmax"] == [best]
+    assert seed_scores(rows, "quick")[("causal_self", "mqar", 1)]["softmax"] == {0: best}
     capsys.readouterr()
     for bad in ("0", "1.5", "nan", "fast"):
         with pytest.raises(SystemExit):
@@ -96,12 +96,14 @@ def test_lr_sweep_trains_each_rate_and_keeps_the_best(tmp_path, capsys):
 
 
 def test_best_over_lr_follows_the_metric_direction():
+    from attnkit.bench.scores import best_over_lr
+
     def row(score, lr, higher=True, seed=0):
         extra = {"task": "t", "preset": "quick", "seed": seed, "version": 1, "higher_is_better": higher, "lr": lr}
         return {"kind": "quality", "status": "ok", "score": score, "mechanism": "m", "options": {}, "extra": extra}
 
-    assert quality.best_over_lr([row(0.2, 1e-3), row(0.9, 1e-2)])[0]["extra"]["lr"] == 1e-2
-    assert quality.best_over_lr([row(0.2, 1e-3, False), row(0.9, 1e-2, False)])[0]["extra"]["lr"] == 1e-3
-    assert len(quality.best_over_lr([row(0.2, 1e-3, seed=0), row(0.9, 1e-2, seed=1)])) == 2
+    assert best_over_lr([row(0.2, 1e-3), row(0.9, 1e-2)])[0]["extra"]["lr"] == 1e-2
+    assert best_over_lr([row(0.2, 1e-3, False), row(0.9, 1e-2, False)])[0]["extra"]["lr"] == 1e-3
+    assert len(best_over_lr([row(0.2, 1e-3, seed=0), row(0.9, 1e-2, seed=1)])) == 2
     with pytest.raises(InvalidOption, match="learning rate"):
         QualityCase("mqar", "softmax", lr=2.0**70)

@@ -212,20 +212,3 @@ def quality_cases(
         for s in seeds
         for lr in rates
     ]
-
-
-def best_over_lr(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Ok quality rows with one row per (task, mechanism, preset, seed, options): a learning-rate sweep keeps
-    its best rate (Zoology and MAD report the max over their lr grid); rows without a sweep pass through."""
-    best: dict[tuple, dict[str, Any]] = {}
-    for r in rows:
-        if r["kind"] != "quality" or r["status"] != "ok" or r.get("score") is None:
-            continue
-        extra = r.get("extra") or {}
-        key = (extra.get("task"), r["mechanism"], extra.get("preset"), extra.get("seed"), extra.get("version"),
-               json.dumps(r.get("options") or {}, sort_keys=True))  # fmt: skip
-        higher = extra.get("higher_is_better", True)
-        old = best.get(key)
-        if old is None or (r["score"] > old["score"] if higher else r["score"] < old["score"]):
-            best[key] = r
-    return list(best.values())

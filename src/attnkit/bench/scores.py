@@ -57,7 +57,7 @@ def as_int(value: Any) -> int:
 
 
 def ok_quality(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The quality rows with a finite score and a task."""
+    """The quality rows with a finite score and a task; of a learning-rate sweep, the best rate's row."""
     out = []
     for r in rows:
         if r.get("kind") != "quality" or r.get("status") != "ok" or not isinstance(r.get("extra"), dict):
@@ -65,7 +65,7 @@ def ok_quality(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         score = r.get("score")
         if isinstance(score, (int, float)) and math.isfinite(score) and isinstance(r["extra"].get("task"), str):
             out.append(r)
-    return out
+    return best_over_lr(out)
 
 
 def presets_of(rows: list[dict[str, Any]]) -> list[str]:
@@ -236,3 +236,18 @@ def pareto_front(points: dict[str, tuple[float, float]]) -> set[str]:
         if not beaten:
             front.add(name)
     return front
+
+
+def best_over_lr(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Ok quality rows -> one row per (task, mechanism, preset, seed, options): a learning-rate sweep keeps
+    its best rate (Zoology and MAD report the max over their lr grid); rows without a sweep pass through."""
+    best: dict[tuple, dict[str, Any]] = {}
+    for r in rows:
+        extra = r.get("extra") or {}
+        key = (extra.get("task"), r["mechanism"], extra.get("preset"), extra.get("seed"), extra.get("version"),
+               json.dumps(r.get("options") or {}, sort_keys=True))  # fmt: skip
+        higher = extra.get("higher_is_better", True)
+        old = best.get(key)
+        if old is None or (r["score"] > old["score"] if higher else r["score"] < old["score"]):
+            best[key] = r
+    return list(best.values())

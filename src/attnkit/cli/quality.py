@@ -3,27 +3,24 @@
 from __future__ import annotations
 
 import argparse
-from collections import defaultdict
 
 from ..bench.case import Budget
-from ..bench.quality import LR_GRID, MODEL, best_over_lr, quality_cases
+from ..bench.quality import LR_GRID, MODEL, quality_cases
 from ..bench.runner import run_cases
-from ..bench.scores import compositional_index, load_reference, presets_of, reference_tasks
+from ..bench.scores import (
+    compositional_index,
+    deltas_vs_softmax,
+    load_reference,
+    mechanism_means,
+    presets_of,
+    reference_tasks,
+    seed_scores,
+    task_info,
+)
 from ..bench.store import Store
 
 # per case: the worker is given 3x this before it is stopped (training, not one call)
 QUALITY_BUDGET_S = {"quick": 120.0, "cpu": 900.0, "gpu": 1800.0}
-
-
-def quality_scores(rows: list[dict]) -> dict[tuple[str, str], dict[str, list[float]]]:
-    """(task, metric direction) -> mechanism -> the scores of its seeds (the best learning rate of a sweep),
-    from ok quality rows."""
-    out: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for r in best_over_lr(rows):
-        extra = r.get("extra") or {}
-        key = (str(extra.get("task")), "higher" if extra.get("higher_is_better", True) else "lower")
-        out[key][r["mechanism"]].append(r["score"])
-    return out
 
 
 def ci_summary(rows: list[dict]) -> list[str]:
@@ -46,20 +43,23 @@ def ci_summary(rows: list[dict]) -> list[str]:
 
 
 def quality_summary(db: str) -> str:
-    """A terminal table: per task, each mechanism's mean score over its seeds and its difference from softmax;
-    then each mechanism's compositional index per pattern, where reference statistics ship for the preset."""
+    """A terminal table: per preset and task, each mechanism's mean score over its seeds and its difference
+    from softmax over the seeds both ran; then each mechanism's compositional index per pattern, where
+    reference statistics ship for the preset."""
     with Store(db, readonly=True) as store:
         rows = store.results("quality")
-    scores = quality_scores(rows)
-    lines = [f"{'task':<16}{'mechanism':<18}{'score':>9}{'vs softmax':>12}{'seeds':>7}"]
-    for (task, _better), by_mech in sorted(scores.items()):
-        base = by_mech.get("softmax")
-        ref = sum(base) / len(base) if base else None
-        for mech, vals in sorted(by_mech.items(), key=lambda kv: -sum(kv[1]) / len(kv[1])):
-            mean = sum(vals) / len(vals)
-            delta = f"{mean - ref:+.3f}" if ref is not None and mech != "softmax" else ""
-            lines.append(f"{task:<16}{mech:<18}{mean:>9.3f}{delta:>12}{len(vals):>7}")
-    lines.append("score: the task's metric on its test data (bits_per_byte: lower is better; others: higher).")
+    lines = [f"{'preset':<8}{'task':<16}{'mechanism':<22}{'score':>9}{'vs softmax':>12}{'seeds':>7}"]
+    for preset in presets_of(rows):
+        means, deltas = mechanism_means(rows, preset), deltas_vs_softmax(rows, preset)
+        seeds = seed_scores(rows, preset)
+        higher = {key: info["higher_is_better"] for key, info in task_info(rows, preset).items()}
+        for key in sorted(means):
+            _pattern, task, _version = key
+            order = sorted(means[key].items(), key=lambda kv: -kv[1] if higher[key] else kv[1])
+            for mech, mean in order:
+                delta = f"{deltas[key][mech][0]:+.3f}" if mech in deltas.get(key, {}) else ""
+                lines.append(f"{preset:<8}{task:<16}{mech:<22}{mean:>9.3f}{delta:>12}{len(seeds[key][mech]):>7}")
+    lines.append("score: the task's metric on its test data (bits_per_byte, mse: lower is better; others: higher).")
     return "\n".join(lines + [""] + ci_summary(rows))
 
 
