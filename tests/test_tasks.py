@@ -388,7 +388,10 @@ def test_seasonal_naive_forecast_and_its_mse_by_hand():
     hours = torch.arange(30.0)[None, :, None]  # 30 hours of history: 24 hours before the next two is 6, 7
     targets = torch.tensor([[6.5, 9.0]])[..., None]
     data = TaskData(hours, targets, None, None, {})
-    assert task.baselines(data) == {"seasonal_naive_mse": pytest.approx((0.5**2 + 2.0**2) / 2)}
+    assert task.baselines(data) == {
+        "seasonal_naive_mse": pytest.approx((0.5**2 + 2.0**2) / 2),
+        "persistence_mse": pytest.approx(((29 - 6.5) ** 2 + (29 - 9.0) ** 2) / 2),  # the last value, 29, held
+    }
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,8 @@ windows are fixed (``n_test`` starts spread evenly over the test hours, the same
 seed picks which training windows are used and their order. The score is the MSE on the z-normalised
 targets of an autoregressive forecast (each step fed the model's own previous prediction); the
 seasonal-naive forecast (the last observed day repeated: hour h ahead gets the value 24 hours before
-it, or a multiple of 24 past the first day) is scored on the same windows as the baseline.
+it, or a multiple of 24 past the first day) is scored on the same windows as the baseline, and so is
+the persistence forecast (the last observed value held).
 
 Read without importing vega_datasets (nor pandas); without it, :class:`~attnkit.errors.MissingDependency`.
 """
@@ -121,8 +122,12 @@ class Forecast(Task):
                 "train_hours": train_hours(len(z)), "mean": mean, "std": std, "horizon": p.horizon}  # fmt: skip
 
     def baselines(self, data: TaskData) -> dict[str, float]:
-        pred = seasonal_naive(data.inputs, data.targets.shape[1])
-        return {"seasonal_naive_mse": self.metric(pred, data.targets)}
+        """The seasonal-naive forecast's MSE, and the persistence forecast's (the last value held)."""
+        horizon = data.targets.shape[1]
+        return {
+            "seasonal_naive_mse": self.metric(seasonal_naive(data.inputs, horizon), data.targets),
+            "persistence_mse": self.metric(data.inputs[:, -1:].expand(-1, horizon, -1), data.targets),
+        }
 
     def _generate(self, rng, split, n, p: ForecastPreset):
         z, _, _ = normalised_series()
