@@ -107,3 +107,61 @@ def test_best_over_lr_follows_the_metric_direction():
     assert len(best_over_lr([row(0.2, 1e-3, seed=0), row(0.9, 1e-2, seed=1)])) == 2
     with pytest.raises(InvalidOption, match="learning rate"):
         QualityCase("mqar", "softmax", lr=2.0**70)
+
+
+@pytest.fixture
+def tiny_forecast(monkeypatch):
+    """The forecast task's quick preset shrunk to seconds: 24 hours -> 4, 6 steps."""
+    from attnkit.bench.tasks.forecast import Forecast, ForecastPreset
+
+    tiny = ForecastPreset(vocab=0, seq_len=24, n_train=48, n_test=8, steps=6, batch_size=16, horizon=4)
+    monkeypatch.setitem(Forecast.presets, "quick", tiny)
+    return tiny
+
+
+def test_forecast_trains_on_the_guess_and_scores_the_forecast_decoded_with_state(tiny_forecast, monkeypatch):
+    case = QualityCase("forecast", "softmax", "quick")
+    assert case.pattern == "noncausal_cross" and case.tokens == 24
+    calls = []
+    real = quality.forecast
+    monkeypatch.setattr(quality, "forecast", lambda *a: calls.append(a[2].shape[1]) or real(*a))
+    result = case.measure(threads=1, budget=Budget())
+    assert result["status"] == "ok" and 0 < result["score"] < 10
+    extra = result["extra"]
+    assert extra["metric"] == "mse" and extra["higher_is_better"] is False and extra["steps"] == 6
+    test = case._task.make("test", "quick")
+    assert extra["baseline"] == pytest.approx(case._task.baselines(test))
+    assert 0 < extra["baseline"]["seasonal_naive_mse"] < 0.1, "the day before is a good guess for this series"
+    assert calls and set(calls) == {4}, "every evaluation decodes the horizon step by step"
+
+
+def test_forecast_decoded_with_state_equals_one_call_on_the_guess():
+    """The step-by-step forecast equals guess + one call on the guess (softmax's noncausal and causal cross
+    attention agree per query), and the guess is the seasonal-naive forecast."""
+    from attnkit.nn import EncoderDecoder
+
+    torch.manual_seed(0)
+    model = EncoderDecoder(in_dim=1, out_dim=1, dim=16, depth=1, heads=2, cross_pattern="noncausal_cross").eval()
+    from attnkit.bench.tasks import get_task
+
+    history = torch.randn(3, 30, 1)
+    guess = get_task("forecast").guess(history, 5)
+    torch.testing.assert_close(guess, history[:, 6:11])  # 24 hours before each step
+    pred = quality.forecast(model, history, guess)
+    assert pred.shape == (3, 5, 1)
+    torch.testing.assert_close(guess + model(history, guess), pred, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(pred, guess), "the model's correction is added"
+
+
+def test_a_mechanism_without_the_forecasts_cross_patterns_is_not_applicable():
+    import attnkit
+
+    by_patterns = {m.name: {p.value for p in m.patterns} for m in attnkit.mechanisms()}
+    no_cross = next(
+        n for n, ps in by_patterns.items() if {"causal_self", "noncausal_self"} <= ps and "noncausal_cross" not in ps
+    )
+    result = QualityCase("forecast", no_cross, "quick").measure(threads=1, budget=Budget())
+    assert result["status"] == "not_applicable" and "noncausal_cross" in result["reason"]
+    only_noncausal = next(n for n, ps in by_patterns.items() if "noncausal_cross" in ps and "causal_self" not in ps)
+    result = QualityCase("forecast", only_noncausal, "quick").measure(threads=1, budget=Budget())
+    assert result["status"] == "not_applicable" and "causal_self" in result["reason"]

@@ -29,7 +29,7 @@ def _rows(data: TaskData) -> set[bytes]:
 
 
 def test_registry_lists_the_tasks():
-    assert {"mqar", "induction", "listops", "selective_copy", "passkey", "byte_lm"} <= set(TASKS)
+    assert {"mqar", "induction", "listops", "selective_copy", "passkey", "byte_lm", "digits", "forecast"} <= set(TASKS)
     assert list_tasks("mq*") == ["mqar"]
 
 
@@ -55,7 +55,8 @@ def test_task_declares_what_a_result_stores(name):
     assert isinstance(task.metric.higher_is_better, bool) and task.metric.name
     assert isinstance(task.lr, float) and 0 < task.lr < 1
     assert set(PRESETS) <= set(task.presets)
-    assert task.output in ("tokens", "class")
+    assert task.output in ("tokens", "class", "series")
+    assert task.dtype == (torch.float32 if task.output == "series" else torch.long)
 
 
 @pytest.mark.parametrize("name", TASKS)
@@ -65,7 +66,14 @@ def test_quick_preset_shapes_dtypes_and_info(name):
     for split, n in (("train", p.n_train), ("test", p.n_test)):
         for variant in [{}] if split == "train" else _variants(task):
             d = task.make(split, "quick", **variant)
-            assert d.inputs.dtype == torch.long and d.inputs.dim() == 2 and len(d) == n
+            assert len(d) == n
+            if task.output == "series":
+                assert d.inputs.shape == (n, p.seq_len, 1) and d.targets.shape == (n, p.horizon, 1)
+                assert d.inputs.dtype == d.targets.dtype == torch.float32
+                assert d.inputs.isfinite().all() and d.targets.isfinite().all()
+                assert d.loss_mask is None and d.pad_mask is None
+                continue
+            assert d.inputs.dtype == torch.long and d.inputs.dim() == 2
             assert 0 <= d.inputs.min() and d.inputs.max() < p.vocab
             if task.output == "tokens":
                 assert d.targets.shape == d.inputs.shape and d.targets.dtype == torch.long
@@ -77,6 +85,7 @@ def test_quick_preset_shapes_dtypes_and_info(name):
             if d.pad_mask is not None:
                 assert d.pad_mask.shape == d.inputs.shape and d.pad_mask[:, 0].all()
             assert d.info["task"] == name and d.info["version"] == task.VERSION and d.info["variant"] == variant
+            assert d.info["split"] == split
 
 
 @pytest.mark.parametrize("name", TASKS)
@@ -104,6 +113,10 @@ def test_metric_on_perfect_and_constant_predictions(name):
     task = get_task(name)
     d = task.make("test", "quick", **_variants(task)[0])
     perfect, const = d.targets.clamp(min=0), torch.full_like(d.targets, 3)
+    if task.metric.name == "mse":
+        assert task.score(d.targets.clone(), d) == 0.0
+        assert task.score(const, d) == pytest.approx(((3 - d.targets.double()) ** 2).mean().item(), rel=1e-6)
+        return
     if task.metric.name == "bits_per_byte":  # needs logits: one-hot (perfect) and uniform (constant)
         vocab = task.preset("quick").vocab
         assert task.score(torch.nn.functional.one_hot(perfect, vocab).float() * 100, d) == pytest.approx(0, abs=1e-6)
@@ -252,6 +265,149 @@ def test_larger_presets_are_valid_configurations(name, preset):
 
     task = get_task(name)
     p = dataclasses.replace(task.preset(preset), n_train=4, n_test=2)
-    assert task.make("train", p).inputs.shape == (4, p.seq_len)
+    assert task.make("train", p).inputs.shape[:2] == (4, p.seq_len)
     for variant in task.variants(p)[-1:]:
         assert len(task.make("test", p, **variant)) == 2
+
+
+# ------------------------------------------------------------------ bundled data: digits, forecast
+
+
+def _digits_file() -> dict[bytes, int]:
+    """sklearn's digits read here with the csv module (8×8 pixels as bytes -> label), independently."""
+    import csv
+    import gzip
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(importlib.util.find_spec("sklearn").submodule_search_locations[0])
+    with gzip.open(root / "datasets" / "data" / "digits.csv.gz", "rt") as f:
+        rows = [[int(float(v)) for v in r] for r in csv.reader(f)]
+    return {bytes(r[:64]): r[64] for r in rows}
+
+
+def test_digits_split_is_fixed_across_seeds_and_disjoint():
+    from attnkit.bench.tasks.digits import split_indices
+
+    train_idx, test_idx = split_indices()
+    assert len(train_idx) == 1437 and len(test_idx) == 360, "scikit-learn's 1,797 images are all distinct"
+    assert not set(train_idx.tolist()) & set(test_idx.tolist())
+    task = get_task("digits")
+    p = task.preset("cpu")
+    a, b = (task.make("test", p, seed=s) for s in (0, 1))
+    assert torch.equal(a.inputs, b.inputs) and torch.equal(a.targets, b.targets), "one test set for every seed"
+    t0, t1 = (task.make("train", p, seed=s) for s in (0, 1))
+    assert not torch.equal(t0.inputs, t1.inputs), "the seed orders the training images"
+    assert _rows(t0) == _rows(t1) and len(_rows(t0)) == 1437, "… but they are the same 1,437 images"
+    assert not _rows(t0) & _rows(a)
+
+
+def test_digits_tokens_labels_and_upsampling():
+    from attnkit.bench.tasks.digits import upsample
+
+    img = torch.arange(64).reshape(1, 8, 8).numpy()
+    up = upsample(img, 16)
+    assert up.shape == (1, 16, 16) and (up[0, 2 * 3 + 1, 2 * 5] == img[0, 3, 5]) and (up[:, ::2, ::2] == img).all()
+    assert upsample(img, 32).shape == (1, 32, 32) and (upsample(img, 32)[:, 3::4, ::4] == img).all()
+    with pytest.raises(ValueError):
+        upsample(img, 12)
+    task = get_task("digits")
+    labels = _digits_file()
+    for preset, side in (("quick", 8), ("cpu", 16)):
+        p = task.preset(preset)
+        assert p.seq_len == side * side and p.vocab == 17
+        d = task.make("test", preset)
+        assert d.inputs.shape == (p.n_test, side * side) and 0 <= d.inputs.min() and d.inputs.max() <= 16
+        images = d.inputs.reshape(-1, side, side)[:, :: side // 8, :: side // 8]  # back to 8×8, row-major
+        assert [labels[bytes(x)] for x in images.reshape(-1, 64).tolist()] == d.targets.tolist()
+    assert d.targets.unique().tolist() == list(range(10))
+
+
+def _hours_of(windows: torch.Tensor) -> list[int]:
+    """The start hour of each window ``[N, L, 1]`` in the normalised series, found by its values."""
+    from attnkit.bench.tasks.forecast import normalised_series
+
+    z = normalised_series()[0].astype("float32")
+    at: dict[bytes, list[int]] = {}
+    for h in range(len(z) - 8):
+        at.setdefault(z[h : h + 8].tobytes(), []).append(h)
+    found = []
+    for w in windows[..., 0].numpy():
+        hours = [h for h in at[w[:8].tobytes()] if (z[h : h + len(w)] == w).all()]
+        assert len(hours) == 1, "every window is one stretch of the series"
+        found += hours
+    return found
+
+
+def test_forecast_windows_are_contiguous_and_do_not_cross_the_split():
+    task = get_task("forecast")
+    p = task.preset("quick")
+    train, test = task.make("train", "quick"), task.make("test", "quick")
+    cut = test.info["train_hours"]
+    assert test.info["hours"] == 8760 and cut == 7008
+    length = p.seq_len + p.horizon
+    for d in (train, test):
+        whole = torch.cat([d.inputs, d.targets], dim=1)  # the history, then what follows it
+        starts = _hours_of(whole)
+        if d is train:
+            assert max(starts) + length <= cut, "training windows end before the test hours"
+        else:
+            assert min(starts) >= cut and max(starts) + length <= 8760, "test windows, history too, after"
+            assert max(starts) - min(starts) > (8760 - cut) // 2, "spread over the test hours"
+    other = task.make("test", "quick", seed=5)
+    assert torch.equal(other.inputs, test.inputs), "one test set for every seed"
+    assert not torch.equal(task.make("train", "quick", seed=5).inputs, train.inputs)
+
+
+def test_forecast_is_normalised_with_the_training_hours_only():
+    from attnkit.bench.tasks.forecast import hourly_series, normalised_series
+
+    raw = hourly_series()
+    assert len(raw) == 8760 and raw.min() > 30 and raw.max() < 80, "hourly °F, the DST gap filled"
+    z, mean, std = normalised_series()
+    train = raw[:7008]
+    assert mean == pytest.approx(train.mean()) and std == pytest.approx(train.std())
+    assert abs(mean - raw.mean()) > 0.5, "the whole year's mean differs: the check can tell them apart"
+    d = get_task("forecast").make("train", "quick")
+    assert d.info["mean"] == mean and d.info["std"] == std
+    values = d.inputs[..., 0].double() * std + mean  # back to °F: the raw series at the window's hours
+    for h, v in zip(_hours_of(d.inputs), values, strict=True):
+        assert torch.allclose(v, torch.from_numpy(raw[h : h + len(v)]), atol=1e-4)
+    assert abs(z[:7008].mean()) < 1e-9 and z[:7008].std() == pytest.approx(1.0)
+
+
+def test_seasonal_naive_forecast_and_its_mse_by_hand():
+    from attnkit.bench.tasks.forecast import seasonal_naive
+
+    history = torch.tensor([[1.0, 2.0, 3.0, 4.0]])[..., None]
+    assert seasonal_naive(history, 3, period=2)[0, :, 0].tolist() == [3.0, 4.0, 3.0], "the last season, repeated"
+    assert seasonal_naive(history, 1, period=4)[0, :, 0].tolist() == [1.0]
+    with pytest.raises(ValueError):
+        seasonal_naive(history, 2, period=5)
+    task = get_task("forecast")
+    hours = torch.arange(30.0)[None, :, None]  # 30 hours of history: 24 hours before the next two is 6, 7
+    targets = torch.tensor([[6.5, 9.0]])[..., None]
+    data = TaskData(hours, targets, None, None, {})
+    assert task.baselines(data) == {
+        "seasonal_naive_mse": pytest.approx((0.5**2 + 2.0**2) / 2),
+        "persistence_mse": pytest.approx(((29 - 6.5) ** 2 + (29 - 9.0) ** 2) / 2),  # the last value, 29, held
+    }
+
+
+@pytest.mark.parametrize(
+    ("package", "load"), [("sklearn", "digits._images"), ("vega_datasets", "forecast.hourly_series")]
+)
+def test_a_missing_data_package_names_the_extra_to_install(monkeypatch, package, load):
+    import importlib
+    import importlib.util
+
+    from attnkit.errors import MissingDependency
+
+    module, fn = load.split(".")
+    loader = getattr(importlib.import_module(f"attnkit.bench.tasks.{module}"), fn).__wrapped__  # not the cache
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == package else real(name, *a))
+    wanted = rf"'{package}' package, which is not installed.*pip install 'attnkit\[tasks\]'"
+    with pytest.raises(MissingDependency, match=wanted):
+        loader()
+    assert issubclass(MissingDependency, ImportError)

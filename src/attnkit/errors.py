@@ -38,6 +38,10 @@ class InvalidOption(AttnkitError):
     """An option, path or keyword has a name or value the mechanism does not accept."""
 
 
+class MissingDependency(AttnkitError, ImportError):
+    """An optional package that the call needs is not installed; the message says what to install."""
+
+
 class ReferenceFallbackWarning(UserWarning):
     """``path="auto"`` ran the reference because no fast path takes the inputs (warned once per reason)."""
 

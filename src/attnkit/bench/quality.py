@@ -6,8 +6,11 @@ lacks the task's pattern is recorded ``not_applicable``; a run whose loss stops 
 recorded ``diverged`` with its step, and the sweep goes on.
 
 The backbone follows the task's output: token tasks train ``nn.CausalLM`` (causal_self), class tasks
-``nn.EncoderClassifier`` (noncausal_self). Every mechanism gets the same model size, data, steps,
-seed and the task's one learning rate (chosen once, with softmax), so the comparison is fair.
+``nn.EncoderClassifier`` (noncausal_self), series tasks ``nn.EncoderDecoder`` (teacher-forced through
+noncausal_cross in training; scored on an autoregressive forecast decoded step by step with state,
+through causal_cross). Every mechanism gets the same model size, data, steps, seed and the task's one
+learning rate (chosen once, with softmax), so the comparison is fair. Model-free baselines that a task
+defines (``Task.baselines``: a forecast's seasonal naive) are stored beside the score, in ``extra``.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ import torch.nn.functional as F
 
 from ..api import info
 from ..errors import InvalidOption
-from ..nn import CausalLM, EncoderClassifier
+from ..nn import CausalLM, EncoderClassifier, EncoderDecoder
+from ..patterns import Pattern
 from .case import BenchCase, Budget
 from .cases import select_mechanisms, split_names
 from .tasks import IGNORE, TaskData, get_task
@@ -132,23 +136,49 @@ def build_model(case: QualityCase, task, vocab: int, longest: int) -> torch.nn.M
     common = dict(mechanism=case.mechanism, positions="learned", max_positions=longest, **size, **case.options)
     if task.output == "class":
         return EncoderClassifier(task.num_classes, vocab=vocab, pooling="mean", **EMBED, **common)
+    if task.output == "series":  # one value per step in and out
+        return EncoderDecoder(in_dim=1, out_dim=1, cross_pattern=Pattern.NONCAUSAL_CROSS, **common)
     return CausalLM(vocab, tie_weights=False, **EMBED, **common)
+
+
+@torch.no_grad()
+def forecast(model: EncoderDecoder, history: torch.Tensor, guess: torch.Tensor) -> torch.Tensor:
+    """``history [B, T_in, 1]``, the task's ``guess [B, H, 1]`` -> the forecast ``[B, H, 1]``: encode once,
+    then one decoder step at a time with state (causal_cross), each fed its step of the guess, whose
+    output corrects it. Equals the one-call ``guess + model(history, guess)`` for per-query mechanisms."""
+    memory = model.encode(history)
+    state, out = None, []
+    for j in range(guess.shape[1]):
+        step, state = model.decode(guess[:, j : j + 1], memory, state=state, return_state=True)
+        out.append(guess[:, j : j + 1] + step)
+    return torch.cat(out, dim=1)
 
 
 def _loss(task, model, batch: TaskData) -> tuple[torch.Tensor, torch.Tensor]:
     if task.output == "class":
         logits = model(batch.inputs, key_padding_mask=batch.pad_mask)  # [B, classes]
         return F.cross_entropy(logits, batch.targets), logits
+    if task.output == "series":
+        guess = task.guess(batch.inputs, batch.targets.shape[1])  # [B, T_out, 1], known in advance
+        pred = guess + model(batch.inputs, guess)  # the model predicts the guess's residual
+        return F.mse_loss(pred, batch.targets), pred
     logits = model(batch.inputs)  # [B, T, V]
     targets = batch.targets if batch.loss_mask is None else batch.targets.masked_fill(~batch.loss_mask, IGNORE)
     return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE), logits
 
 
+def _predict(task, model, batch: TaskData) -> torch.Tensor:
+    """What the metric scores: the forward pass's logits, or a series task's autoregressive forecast."""
+    if task.output == "series":
+        return forecast(model, batch.inputs, task.guess(batch.inputs, batch.targets.shape[1]))
+    return _loss(task, model, batch)[1]
+
+
 @torch.no_grad()
 def evaluate(task, model, data: TaskData, batch_size: int) -> float:
-    """The task's metric over ``data``, in batches (logits gathered on CPU)."""
+    """The task's metric over ``data``, in batches (logits, or forecasts, gathered on CPU)."""
     model.eval()
-    outs = [_loss(task, model, b)[1] for b in data.batches(batch_size)]
+    outs = [_predict(task, model, b) for b in data.batches(batch_size)]
     model.train()
     return task.metric(torch.cat(outs), data.targets, data.loss_mask)
 
@@ -158,7 +188,10 @@ def train_and_evaluate(case: QualityCase, task) -> dict[str, Any]:
     train = task.make("train", case.preset, seed=case.seed)
     tests = [(v, task.make("test", case.preset, seed=case.seed, **v)) for v in task.variants(case.preset)]
     torch.manual_seed(case.seed)
-    longest = max(data.inputs.shape[1] for data in [train, *(d for _, d in tests)])
+    sequences = [train, *(d for _, d in tests)]
+    longest = max(data.inputs.shape[1] for data in sequences)
+    if task.output == "series":  # the decoder's positions count the forecast's steps
+        longest = max(longest, *(data.targets.shape[1] for data in sequences))
     model = build_model(case, task, p.vocab, longest).to(case.device)
     params = sum(t.numel() for t in model.parameters())
     opt = torch.optim.AdamW(model.parameters(), lr=case.learning_rate, weight_decay=0.1)
@@ -187,6 +220,9 @@ def train_and_evaluate(case: QualityCase, task) -> dict[str, Any]:
     score = sum(scores.values()) / len(scores)
     extra = {**case.row()["extra"], "variants": scores, "curve": curve, "params": params, "steps": p.steps,
              "tokens_per_s": seen / wall}  # fmt: skip
+    baselines = [task.baselines(data) for _, data in tests]
+    if baselines[0]:  # averaged over the test variants, as the score is
+        extra["baseline"] = {k: sum(b[k] for b in baselines) / len(baselines) for k in baselines[0]}
     return {"status": "ok", "score": score, "median_ms": wall * 1e3 / p.steps, "extra": extra}
 
 

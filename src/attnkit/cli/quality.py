@@ -1,4 +1,4 @@
-"""``attnkit bench quality``: train small models on generated tasks, one per mechanism, into the store."""
+"""``attnkit bench quality``: train small models on small tasks, one per mechanism, into the store."""
 
 from __future__ import annotations
 
@@ -115,12 +115,13 @@ def add_parser(bsub, sweep_args) -> None:
 
     p = bsub.add_parser(
         "quality",
-        help="train small models on generated tasks: what each mechanism is worth, per pattern",
+        help="train small models on small tasks: what each mechanism is worth, per pattern",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Train a small model whose attention is the mechanism under test on each task (MQAR,"
-        " induction heads, ListOps, ...) from scratch, and store its test metric, learning curve, wall time,"
-        " tokens/s and parameters. Same model, data, steps, seed and learning rate for every mechanism;"
-        " a mechanism without a task's pattern is recorded 'not applicable'.\n\n"
+        " induction heads, ListOps, digits, forecasting, ...) from scratch, and store its test metric, learning"
+        " curve, wall time, tokens/s and parameters. Same model, data, steps, seed and learning rate for every"
+        " mechanism; a mechanism without a task's pattern is recorded 'not applicable'. The digits and forecast"
+        " tasks read data files shipped with scikit-learn and vega_datasets: pip install 'attnkit[tasks]'.\n\n"
         f"tasks: {', '.join(list_tasks())}\npresets: {', '.join(MODEL)}",
     )
     sweep_args(p)

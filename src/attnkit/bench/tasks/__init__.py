@@ -14,6 +14,7 @@ from ._base import (
     BITS_PER_BYTE,
     EXACT_MATCH,
     IGNORE,
+    MSE,
     PRESETS,
     REGISTRY,
     Metric,
@@ -25,6 +26,8 @@ from ._base import (
     exact_match,
     get_task,
     list_tasks,
+    mse,
+    package_data,
     register_task,
     split_seed,
 )
@@ -34,6 +37,7 @@ __all__ = [
     "BITS_PER_BYTE",
     "EXACT_MATCH",
     "IGNORE",
+    "MSE",
     "PRESETS",
     "REGISTRY",
     "Metric",
@@ -45,6 +49,8 @@ __all__ = [
     "exact_match",
     "get_task",
     "list_tasks",
+    "mse",
+    "package_data",
     "register_task",
     "split_seed",
 ]

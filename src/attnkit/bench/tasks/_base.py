@@ -12,17 +12,19 @@ example that also occurs in the training set (or twice in the test set) replaced
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ...errors import InvalidOption, UnknownTask, did_you_mean
+from ...errors import InvalidOption, MissingDependency, UnknownTask, did_you_mean
 from ...patterns import Pattern
 from ...registry import Registry
 
@@ -75,6 +77,14 @@ def bits_per_byte(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tenso
     return nll.item() / math.log(2)
 
 
+def mse(outputs: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor | None = None) -> float:
+    """Mean squared error over every value (or over the ``mask``-ed positions ``[N, T]``)."""
+    err = (outputs.float() - targets.float()).square()
+    if mask is not None:
+        err = err[mask.bool()]
+    return err.mean().item()
+
+
 @dataclass(frozen=True)
 class Metric:
     name: str
@@ -88,6 +98,29 @@ class Metric:
 ACCURACY = Metric("accuracy", True, accuracy)
 EXACT_MATCH = Metric("exact_match", True, exact_match)
 BITS_PER_BYTE = Metric("bits_per_byte", False, bits_per_byte)
+MSE = Metric("mse", False, mse)
+
+
+# ------------------------------------------------------------------------------------- bundled data
+
+
+def package_data(package: str, *parts: str, task: str) -> bytes:
+    """The bytes of a data file that an installed package ships (``sklearn``, ``vega_datasets``), found
+    without importing the package (importing sklearn imports scipy; vega_datasets imports pandas).
+    :class:`~attnkit.errors.MissingDependency` when the package is not installed."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise MissingDependency(
+            f"the {task!r} task reads data bundled with the {package!r} package, which is not installed;"
+            " install the tasks' extra: pip install 'attnkit[tasks]'"
+        )
+    path = Path(next(iter(spec.submodule_search_locations)), *parts)
+    if not path.is_file():
+        raise MissingDependency(
+            f"the {task!r} task needs {'/'.join(parts)} from the {package!r} package, but this installation"
+            f" of it has no such file ({path}); reinstall it: pip install --force-reinstall 'attnkit[tasks]'"
+        )
+    return path.read_bytes()
 
 
 # ---------------------------------------------------------------------------------------- data types
@@ -108,10 +141,12 @@ class Preset:
 @dataclass(frozen=True)
 class TaskData:
     """One split, as tensors. A token task has ``targets [N, T]`` (``IGNORE`` outside ``loss_mask``);
-    a classification task has ``targets [N]`` and pools the sequence over ``pad_mask``."""
+    a classification task has ``targets [N]`` and pools the sequence over ``pad_mask``; a series task
+    (``Task.dtype`` float32) has real values: ``inputs [N, T_in, 1]`` (the history) and
+    ``targets [N, T_out, 1]`` (what follows it)."""
 
-    inputs: torch.Tensor  # [N, T] long
-    targets: torch.Tensor  # [N, T] long, or [N] long class labels
+    inputs: torch.Tensor  # [N, T] long, or [N, T_in, 1] float
+    targets: torch.Tensor  # [N, T] long, [N] long class labels, or [N, T_out, 1] float
     loss_mask: torch.Tensor | None  # [N, T] bool: where the loss and the metric count
     pad_mask: torch.Tensor | None  # [N, T] bool: True at real tokens; None when nothing is padded
     info: dict[str, Any]  # task, version, split, preset, seed, variant: stored with the result
@@ -154,7 +189,9 @@ class Task:
     VERSION: ClassVar[int]
     patterns: ClassVar[tuple[Pattern, ...]]
     metric: ClassVar[Metric]
-    output: ClassVar[str] = "tokens"  # "tokens": logits [N, T, vocab]; "class": logits [N, num_classes]
+    # "tokens": logits [N, T, vocab]; "class": logits [N, num_classes]; "series": values [N, T_out, 1]
+    output: ClassVar[str] = "tokens"
+    dtype: ClassVar[torch.dtype] = torch.long  # of inputs and targets: token ids, or float32 for series
     num_classes: ClassVar[int | None] = None
     lr: ClassVar[float]  # ONE learning rate, chosen once with softmax attention and kept for all mechanisms
     presets: ClassVar[dict[str, Preset]]
@@ -187,8 +224,8 @@ class Task:
         info.update(self.data_info(p))
         as_tensor = lambda k, dt: torch.from_numpy(rows[k]).to(dt) if rows.get(k) is not None else None  # noqa: E731
         return TaskData(
-            inputs=as_tensor("inputs", torch.long),
-            targets=as_tensor("targets", torch.long),
+            inputs=as_tensor("inputs", self.dtype),
+            targets=as_tensor("targets", self.dtype),
             loss_mask=as_tensor("loss_mask", torch.bool),
             pad_mask=as_tensor("pad_mask", torch.bool),
             info=info,
@@ -201,6 +238,16 @@ class Task:
     def score(self, outputs: torch.Tensor, data: TaskData) -> float:
         """The task's metric on a model's outputs (logits or predicted labels) for ``data``."""
         return self.metric(outputs, data.targets, data.loss_mask)
+
+    def guess(self, history: torch.Tensor, horizon: int) -> torch.Tensor:
+        """A series task's model-free forecast ``[N, horizon, C]`` from ``history [N, T_in, C]``: the decoder's
+        known inputs, which the model corrects (it predicts the residual). Series tasks must define it."""
+        raise NotImplementedError(f"task {self.name!r} has no guess(); only series tasks need one")
+
+    def baselines(self, data: TaskData) -> dict[str, float]:
+        """Scores of model-free predictors on ``data`` (a forecast's seasonal naive), stored beside the
+        model's score; none by default."""
+        return {}
 
     def _generate(
         self, rng: np.random.Generator, split: str, n: int, preset: Preset, **variant: Any
