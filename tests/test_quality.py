@@ -165,3 +165,10 @@ def test_a_mechanism_without_the_forecasts_cross_patterns_is_not_applicable():
     only_noncausal = next(n for n, ps in by_patterns.items() if "noncausal_cross" in ps and "causal_self" not in ps)
     result = QualityCase("forecast", only_noncausal, "quick").measure(threads=1, budget=Budget())
     assert result["status"] == "not_applicable" and "causal_self" in result["reason"]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_the_gpu_preset_needs_cuda(tmp_path, capsys):
+    assert main(["bench", "quality", "--db", str(tmp_path / "q.sqlite"), "--preset", "gpu", "--tasks", "mqar"]) != 0
+    assert "no CUDA device" in capsys.readouterr().err
+    assert not (tmp_path / "q.sqlite").exists()

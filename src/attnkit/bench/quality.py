@@ -178,7 +178,8 @@ def _predict(task, model, batch: TaskData) -> torch.Tensor:
 def evaluate(task, model, data: TaskData, batch_size: int) -> float:
     """The task's metric over ``data``, in batches (logits, or forecasts, gathered on CPU)."""
     model.eval()
-    outs = [_predict(task, model, b) for b in data.batches(batch_size)]
+    device = next(model.parameters()).device
+    outs = [_predict(task, model, b.to(device)).cpu() for b in data.batches(batch_size)]
     model.train()
     return task.metric(torch.cat(outs), data.targets, data.loss_mask)
 
@@ -201,6 +202,7 @@ def train_and_evaluate(case: QualityCase, task) -> dict[str, Any]:
     started = time.perf_counter()
     while step < p.steps:
         for batch in train.batches(p.batch_size, seed=case.seed * 1000 + epoch):
+            batch = batch.to(case.device)
             loss, _ = _loss(task, model, batch)
             if not math.isfinite(loss.item()):
                 return {"status": "diverged", "reason": f"the loss became {loss.item()} at step {step}",

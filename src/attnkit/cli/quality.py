@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+import torch
+
 from ..bench.case import Budget
 from ..bench.quality import LR_GRID, MODEL, quality_cases
 from ..bench.runner import run_cases
@@ -18,6 +20,7 @@ from ..bench.scores import (
     task_info,
 )
 from ..bench.store import Store
+from ..errors import AttnkitError
 
 # per case: the worker is given 3x this before it is stopped (training, not one call)
 QUALITY_BUDGET_S = {"quick": 120.0, "cpu": 900.0, "gpu": 1800.0}
@@ -64,7 +67,12 @@ def quality_summary(db: str) -> str:
 
 
 def run_quality(args: argparse.Namespace, *, tasks, names, preset: str, seeds, lrs=None) -> object:
-    cases = quality_cases(tasks=tasks, names=names, preset=preset, seeds=tuple(seeds), lrs=lrs)
+    device = "cuda" if preset == "gpu" else "cpu"  # the gpu preset's sizes take hours on a CPU
+    if device == "cuda" and not torch.cuda.is_available():
+        raise AttnkitError("--preset gpu: no CUDA device is visible to torch (use --preset quick or cpu)")
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    cases = quality_cases(tasks=tasks, names=names, preset=preset, seeds=tuple(seeds), lrs=lrs, device=device)
     budget = Budget(time_s=QUALITY_BUDGET_S[preset], timing_s=0.0)
     with Store(args.db) as store:
         print(f"{len(cases)} quality cases ({preset}) into {args.db}", flush=True)

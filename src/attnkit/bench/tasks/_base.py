@@ -161,6 +161,11 @@ class TaskData:
         for i in range(0, n, batch_size):
             yield self.select(order[i : i + batch_size])
 
+    def to(self, device: torch.device | str) -> TaskData:
+        """The same data on ``device`` (the training loop moves each batch to the model's device)."""
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return TaskData(move(self.inputs), move(self.targets), move(self.loss_mask), move(self.pad_mask), self.info)
+
     def select(self, idx: torch.Tensor) -> TaskData:
         pick = lambda t: None if t is None else t[idx]  # noqa: E731
         return TaskData(pick(self.inputs), pick(self.targets), pick(self.loss_mask), pick(self.pad_mask), self.info)
