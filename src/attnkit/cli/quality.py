@@ -120,6 +120,7 @@ def learning_rates(text: str) -> list[float]:
 
 def add_parser(bsub, sweep_args) -> None:
     from ..bench.tasks import list_tasks
+    from .bench import thread_count
 
     p = bsub.add_parser(
         "quality",
@@ -136,6 +137,8 @@ def add_parser(bsub, sweep_args) -> None:
     p.add_argument("--preset", choices=sorted(MODEL), default="quick", help="data and model sizes (default: quick)")
     p.add_argument("--tasks", nargs="+", default=["*"], metavar="TASK", help="task names or wildcards (default: all)")
     p.add_argument("--seeds", nargs="+", type=seed_list, metavar="S", help="training seeds (default: 0)")
+    p.add_argument("--threads", type=thread_count, help="torch threads per case, at most the cores (default: torch's"
+                   " choice; on a busy 2-core machine 1 trains many times faster than 2)")  # fmt: skip
     grid = " ".join(f"{lr:g}" for lr in LR_GRID)
     p.add_argument(
         "--lr-sweep",
