@@ -168,7 +168,12 @@ def test_induction_target_is_the_token_after_the_earlier_trigger():
             assert 1 <= len(triggers) <= p.num_triggers
             assert all(x[t + 1] == y for t in triggers)
     train = task.make("train", "quick")
-    assert train.loss_mask.all() and torch.equal(train.targets[:, :-1], train.inputs[:, 1:]), "next-token targets"
+    for x, m, y in zip(train.inputs.tolist(), train.loss_mask.tolist(), train.targets.tolist(), strict=True):
+        triggers = [t for t in range(len(x) - 1) if x[t] == prefix]
+        counted = [t for t in range(len(x)) if m[t]]
+        assert counted == triggers[1:] + [len(x) - 1], "the loss counts the repeated triggers and the end"
+        assert {y[t] for t in counted} == {x[triggers[0] + 1]}, "each counted target is the copied token"
+        assert all(y[t] == IGNORE for t in range(len(x)) if not m[t])
 
 
 def _eval_listops(tokens: list[int]) -> int:

@@ -60,8 +60,8 @@ def quality_summary(db: str) -> str:
             _pattern, task, _version = key
             order = sorted(means[key].items(), key=lambda kv: -kv[1] if higher[key] else kv[1])
             for mech, mean in order:
-                delta = f"{deltas[key][mech][0]:+.3f}" if mech in deltas.get(key, {}) else ""
-                lines.append(f"{preset:<8}{task:<16}{mech:<22}{mean:>9.3f}{delta:>12}{len(seeds[key][mech]):>7}")
+                delta = f"{deltas[key][mech][0]:+.3g}" if mech in deltas.get(key, {}) else ""
+                lines.append(f"{preset:<8}{task:<16}{mech:<22}{mean:>9.4g}{delta:>12}{len(seeds[key][mech]):>7}")
     lines.append("score: the task's metric on its test data (bits_per_byte, mse: lower is better; others: higher).")
     return "\n".join(lines + [""] + ci_summary(rows))
 

@@ -2,8 +2,14 @@
 
 Uniform random ordinary tokens; a trigger token ``=>`` appears once (or ``num_triggers`` times, with
 probability 1/2), always followed by the same token; the sequence ends with ``=>`` and the model must
-predict the token that followed the earlier trigger. Trained at one length (every position carries
-the next-token loss, as in safari), tested on the last position at 0.5× … 8× that length.
+predict the token that followed the earlier trigger. Trained at one length, tested on the last position
+at 0.5× … 8× that length.
+
+Training loss (version 2): only at the positions whose next token induction determines — every trigger
+after the first, and the end. Safari puts the next-token loss on every position and Mamba trains that
+for 200k steps; at this CPU budget the random tokens' loss drowns the signal: with it, softmax stayed at
+chance (0.07) for 800 steps at lr 1e-3 and at 3e-3; with the loss on the determined positions it
+reached 0.61 by step 800 and 0.9 by step 1,300 at lr 1e-3 (cpu preset, seed 0, measured here).
 """
 
 from __future__ import annotations
@@ -30,14 +36,15 @@ def _sorted_distinct(rng: np.random.Generator, n: int, high: int, k: int) -> np.
 
 @register_task("induction")
 class Induction(Task):
-    VERSION = 1
+    VERSION = 2  # 2: the training loss counts only the positions induction determines (module docstring)
     patterns = (Pattern.CAUSAL_SELF,)
     metric = ACCURACY  # on the last position: the token after the earlier trigger
     lr = 1e-3  # AdamW; Mamba's MHA runs keep the better of 2e-4 and 1e-3; chosen once for softmax
     presets = {
         "quick": InductionPreset(vocab=16, seq_len=32, n_train=256, n_test=32, steps=50, batch_size=32),
-        # B §7 Q3: V 16, train N 128, fresh data every step (n_train = steps·batch), test N 64 … 1024
-        "cpu": InductionPreset(vocab=16, seq_len=128, n_train=19_200, n_test=200, steps=600, batch_size=32),
+        # B §7 Q3: V 16, train N 128, fresh data every step (n_train = steps·batch), test N 64 … 1024;
+        # 1,500 steps: softmax passes 0.9 at about 1,300 (module docstring)
+        "cpu": InductionPreset(vocab=16, seq_len=128, n_train=48_000, n_test=200, steps=1500, batch_size=32),
         # Mamba §4.1.2: train N 256, test 128 … 2048 (a pool of 100k sequences, ~13 epochs)
         "gpu": InductionPreset(vocab=16, seq_len=256, n_train=100_000, n_test=1000, steps=20_000, batch_size=64),
     }
@@ -71,8 +78,11 @@ class Induction(Task):
 
         targets = np.empty_like(seq)
         targets[:, :-1], targets[:, -1] = seq[:, 1:], copied[:, 0]  # [n, T]: next token; last = the answer
-        loss_mask = np.ones_like(seq, dtype=bool)
-        if split == "test":  # only the answer counts (train: every next token, as in safari)
-            loss_mask[:, :-1] = False
-            targets[:, :-1] = IGNORE
+        loss_mask = np.zeros_like(seq, dtype=bool)
+        loss_mask[:, -1] = True  # the answer
+        if split == "train":  # and every repeated trigger, whose next token is the copied one
+            for i in range(1, m):
+                r = rows[used[:, i]]
+                loss_mask[r, pos[r, i]] = True
+        targets[~loss_mask] = IGNORE
         return {"inputs": seq, "targets": targets, "loss_mask": loss_mask}
