@@ -394,3 +394,16 @@ def test_quality_without_speed_rows_says_so_and_ranks_alone(tmp_path, monkeypatc
     labels = re.findall(r">(softmax|linear|performer)<", bars)
     assert labels == ["softmax", "performer", "linear"]  # the ranking, best first
     assert len(re.findall(r'<g id="series-\d+">', bars)) == 3
+
+
+def test_quality_details_show_model_free_baselines_and_the_ratio_to_softmax(tmp_path):
+    db = tmp_path / "q.sqlite"
+    with Store(db) as st:
+        run = st.start_run("r", {"device": "cpu", "threads": 2}, "test")
+        for mech, mse in (("softmax", 0.0004), ("linear", 0.0008)):
+            row = _quality(mech, "forecast", mse, pattern="noncausal_cross", baseline={"seasonal_naive_mse": 0.00047})
+            row["extra"].update(metric="mse", higher_is_better=False)
+            st.add(run, row)
+    text = _text(_section(build_report(db, tmp_path / "q.html").read_text(), "quality", "decode"))
+    assert "seasonal_naive_mse 0.00047" in text
+    assert re.search(r"linear\s+mse\s+0\.0008\s+\+0\.0004 \(1\)\s+2\b", text), "Δ and the ratio to softmax"

@@ -9,6 +9,7 @@ passkey and induction heatmaps, and the details per task.
 from __future__ import annotations
 
 import json
+import math
 from collections import defaultdict
 from html import escape
 from typing import Any
@@ -242,6 +243,17 @@ def _variant_heatmaps(ok: Rows, task: str, what: str, columns_of, x_label: str, 
     return out
 
 
+def _baselines(rs: Rows) -> str:
+    """A task's model-free scores on the same test data (the forecast's seasonal naive), mean over rows."""
+    found: dict[str, list[float]] = defaultdict(list)
+    for r in rs:
+        baseline = (r.get("extra") or {}).get("baseline")
+        for name, value in baseline.items() if isinstance(baseline, dict) else ():
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                found[str(name)].append(float(value))
+    return ", ".join(f"{name} {sum(v) / len(v):.4g}" for name, v in sorted(found.items()))
+
+
 def _details(ok: Rows) -> str:
     out = []
     for preset in presets_of(ok):
@@ -261,11 +273,13 @@ def _details(ok: Rows) -> str:
                 delta = (deltas.get(key) or {}).get(m)
                 params = (rs[0].get("extra") or {}).get("params")
                 tps = sum((r.get("extra") or {}).get("tokens_per_s") or 0 for r in rs) / len(rs)
-                out.append([key[0], key[1], key[2], preset, m, infos[key]["metric"], f"{means[m]:.3f}",
-                            f"{delta[0]:+.3f} ({delta[1]})" if delta else "", len(by_seed[key][m]), params,
-                            f"{tps:,.0f}"])  # fmt: skip
-    headers = ["pattern", "task", "version", "preset", "mechanism", "metric", "score", "vs softmax (seeds)", "seeds",
-               "parameters", "tokens/s"]  # fmt: skip
+                base = means.get("softmax")
+                ratio = f"{means[m] / base:.3g}" if base and m != "softmax" else ""
+                out.append([key[0], key[1], key[2], preset, m, infos[key]["metric"], f"{means[m]:.4g}",
+                            f"{delta[0]:+.3g} ({delta[1]})" if delta else "", ratio, _baselines(rs),
+                            len(by_seed[key][m]), params, f"{tps:,.0f}"])  # fmt: skip
+    headers = ["pattern", "task", "version", "preset", "mechanism", "metric", "score", "vs softmax (seeds)",
+               "/ softmax", "model-free baselines", "seeds", "parameters", "tokens/s"]  # fmt: skip
     return table(headers, out)
 
 
