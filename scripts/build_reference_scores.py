@@ -86,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
             "attnkit_version": __version__,
             "sigma_floor": built["sigma_floor"],
             "about": "per preset and task: mean and population std of the reference mechanisms' scores (each the"
-            " mean over its seeds); std is floored at sigma_floor (std_raw is the measured one)",
+            " mean over its seeds); std is floored at std_floor: sigma_floor in the metric's unit (accuracy,"
+            " exact_match, bits_per_byte), else sigma_floor times |mean| (std_raw is the measured one)",
         },
         "sources": {**(old.get("sources") or {}), **{p: source_of(db, rows, runs, p) for p in presets}},
         "presets": {**(old.get("presets") or {}), **presets},
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     for preset, tasks in sorted(presets.items()):
         for task, s in sorted(tasks.items()):
             floored = " (floored)" if s["std_floored"] else ""
-            print(f"{preset:<6} {task:<16} v{s['version']}  mean {s['mean']:.4f}  std {s['std']:.4f}{floored}"
+            print(f"{preset:<6} {task:<16} v{s['version']}  mean {s['mean']:.4g}  std {s['std']:.4g}{floored}"
                   f"  {s['n_mechanisms']} mechanisms")  # fmt: skip
     print(f"wrote {args.out}")
     return 0

@@ -164,7 +164,8 @@ def test_the_shipped_reference_loads():
     ref = load_reference()
     assert ref is not None and ref["presets"]["quick"], "src/attnkit/bench/reference_scores.json"
     for stats in ref["presets"]["quick"].values():
-        assert stats["n_mechanisms"] >= 3 and stats["std"] >= SIGMA_FLOOR and "softmax" in stats["mechanisms"]
+        assert stats["n_mechanisms"] >= 3 and "softmax" in stats["mechanisms"]
+        assert stats["std"] == max(stats["std_raw"], stats["std_floor"]) > 0
     assert load_reference(ROOT / "no-such-file.json") is None
 
 
@@ -185,3 +186,11 @@ def test_the_cli_summary_gives_the_ci_per_pattern(tmp_path, monkeypatch):
     assert "noncausal_self softmax +2.00 listops" in lines
     assert lines.index("causal_self softmax +2.00 mqar") < lines.index("causal_self linear -1.00 mqar")
     assert "no compositional index for the cpu preset: no reference statistics ship for it" in text
+
+
+def test_sigma_floor_is_in_the_metrics_unit_or_relative_to_its_mean():
+    from attnkit.bench.scores import sigma_floor
+
+    assert sigma_floor("accuracy", 0.5) == SIGMA_FLOOR and sigma_floor("bits_per_byte", 5.0) == SIGMA_FLOOR
+    assert sigma_floor("mse", 0.002) == pytest.approx(SIGMA_FLOOR * 0.002), "an absolute 0.01 would flatten every z"
+    assert sigma_floor("mse", 0.0) > 0

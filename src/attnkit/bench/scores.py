@@ -35,8 +35,17 @@ MIN_MECHANISMS = 3  # a task needs this many reference mechanisms for its σ to 
 # metric's unit (one point of accuracy; 0.01 bits per byte), so such a task can still rank a
 # mechanism that falls behind the reference, on a scale that stays finite. The JSON keeps the raw σ
 # beside the one used, and says which tasks were floored.
+# A metric without such a unit (an MSE on z-normalised data, ~1e-3 here) is floored at the same fraction of
+# its reference mean instead: an absolute 0.01 would flatten every z to ~0.
 SIGMA_FLOOR = 0.01
+UNIT_METRICS = frozenset({"accuracy", "exact_match", "bits_per_byte"})
 BASELINE = "softmax"
+
+
+def sigma_floor(metric: str, mean: float) -> float:
+    """The least σ a task's z-scores use (module comment above)."""
+    return SIGMA_FLOOR if metric in UNIT_METRICS else max(SIGMA_FLOOR * abs(mean), 1e-12)
+
 
 TaskKey = tuple[str, str, int]  # (pattern, task, task version)
 
@@ -119,7 +128,7 @@ def build_reference(rows: list[dict[str, Any]]) -> dict[str, Any]:
     the mechanisms' scores (one value per mechanism, the mean over its seeds), for the newest version of
     each task that has at least ``MIN_MECHANISMS`` mechanisms. σ is the population standard deviation
     over those mechanisms (the reference set is the population the scale describes), floored at
-    ``SIGMA_FLOOR``."""
+    :func:`sigma_floor`."""
     presets: dict[str, dict[str, Any]] = {}
     for preset in presets_of(rows):
         by_seed = seed_scores(rows, preset)
@@ -137,6 +146,7 @@ def build_reference(rows: list[dict[str, Any]]) -> dict[str, Any]:
             values = list(by_mech.values())
             mu = _mean(values)
             raw = math.sqrt(_mean((v - mu) ** 2 for v in values))
+            floor = sigma_floor(str(infos[key]["metric"]), mu)
             seeds = sorted({s for seeds in by_seed[key].values() for s in seeds})
             tasks[task] = {
                 "version": key[2],
@@ -144,9 +154,10 @@ def build_reference(rows: list[dict[str, Any]]) -> dict[str, Any]:
                 "metric": infos[key]["metric"],
                 "higher_is_better": bool(infos[key]["higher_is_better"]),
                 "mean": mu,
-                "std": max(raw, SIGMA_FLOOR),
+                "std": max(raw, floor),
                 "std_raw": raw,
-                "std_floored": raw < SIGMA_FLOOR,
+                "std_floor": floor,
+                "std_floored": raw < floor,
                 "n_mechanisms": len(by_mech),
                 "mechanisms": sorted(by_mech),
                 "seeds": seeds,
