@@ -27,7 +27,7 @@ class PasskeyPreset(Preset):
 
 @register_task("passkey")
 class Passkey(Task):
-    VERSION = 1
+    VERSION = 2  # 2: the cpu preset trains 1,500 steps (at 600, softmax scored 0.01)
     patterns = (Pattern.CAUSAL_SELF,)
     metric = EXACT_MATCH  # all digits of the key right
     lr = 1e-3  # AdamW, chosen once for softmax
@@ -36,7 +36,9 @@ class Passkey(Task):
             vocab=16, seq_len=32, n_train=256, n_test=16, steps=50, batch_size=32, test_lengths=(32, 64)
         ),
         # B §7 Q5: train at 256, test N 128 / 256 / 512 × depth 0.1 / 0.5 / 0.9, 4-digit key
-        "cpu": PasskeyPreset(vocab=32, seq_len=256, n_train=8000, n_test=100, steps=600, batch_size=32),
+        # 1,500 steps: softmax (lr 1e-3, seed 0, depth 0.5, length 256) scored 0.01 at step 600, 0.6 at 1,000
+        # and 0.8-0.85 from 1,300 on (measured here); at 3e-3 it learned later (0.15 at 1,000)
+        "cpu": PasskeyPreset(vocab=32, seq_len=256, n_train=8000, n_test=100, steps=1500, batch_size=32),
         "gpu": PasskeyPreset(
             vocab=64, seq_len=1024, n_train=50_000, n_test=200, steps=10_000, batch_size=32,
             test_lengths=(512, 1024, 2048, 4096, 8192), test_depths=(0.0, 0.25, 0.5, 0.75, 1.0),
