@@ -209,12 +209,17 @@ def render_scatter(chart: Scatter) -> str:
             lo, hi = min(xs + [chart.reference_x or min(xs)]), max(xs + [chart.reference_x or max(xs)])
             ax.set_xlim(lo / 1.5, hi * 1.8)  # room for the labels on the right
         ax.margins(y=0.15)
-        ax.set_title(plain(chart.title), loc="left", fontsize=10, fontweight="bold")
-        ax.set_xlabel(plain(chart.x_label))
-        ax.set_ylabel(plain(chart.y_label))
-        return _figure(fig, chart.title, chart.caption, "scatter")
+        return _labelled(fig, ax, chart, "scatter")
     finally:
         plt.close(fig)
+
+
+def _labelled(fig, ax, chart, kind: str) -> str:
+    """Title and axis labels from ``chart``, then the figure as inline SVG (``data-kind=kind``)."""
+    ax.set_title(plain(chart.title), loc="left", fontsize=10, fontweight="bold")
+    ax.set_xlabel(plain(chart.x_label))
+    ax.set_ylabel(plain(chart.y_label))
+    return _figure(fig, chart.title, chart.caption, kind)
 
 
 @dataclass
@@ -259,10 +264,7 @@ def render_heatmap(chart: Heatmap) -> str:
         for side in ("left", "bottom"):
             ax.spines[side].set_visible(False)
         fig.colorbar(mesh, ax=ax, fraction=0.04, pad=0.02)
-        ax.set_title(plain(chart.title), loc="left", fontsize=10, fontweight="bold")
-        ax.set_xlabel(plain(chart.x_label))
-        ax.set_ylabel(plain(chart.y_label))
-        return _figure(fig, chart.title, chart.caption, "heatmap")
+        return _labelled(fig, ax, chart, "heatmap")
     finally:
         plt.close(fig)
 
