@@ -83,6 +83,14 @@ def add_quality_rows(st, run):
             st.add(run, _quality(mech, "passkey", sum(grid.values()) / len(grid), seed=seed, variants=grid))
 
 
+@pytest.fixture(autouse=True)
+def fixed_reference(monkeypatch):
+    """The report scores against REF, not the shipped reference (which is regenerated from real runs)."""
+    from attnkit.report import quality as report_quality
+
+    monkeypatch.setattr(report_quality, "load_reference", lambda: REF)
+
+
 @pytest.fixture
 def store_path(tmp_path):
     """A store with rows of every kind, written through the public Store API (no measuring)."""
