@@ -172,3 +172,15 @@ def test_the_gpu_preset_needs_cuda(tmp_path, capsys):
     assert main(["bench", "quality", "--db", str(tmp_path / "q.sqlite"), "--preset", "gpu", "--tasks", "mqar"]) != 0
     assert "no CUDA device" in capsys.readouterr().err
     assert not (tmp_path / "q.sqlite").exists()
+
+
+def test_positions_are_a_case_setting_with_their_own_key():
+    learned = QualityCase("induction", "softmax", "quick")
+    rope = QualityCase("induction", "softmax", "quick", positions="rope")
+    assert "positions" not in learned.key("cpu", 1), "the default leaves older stores' keys as they were"
+    assert rope.key("cpu", 1) != learned.key("cpu", 1) and rope.series != learned.series
+    assert "rope positions" in rope.label() and rope.row()["extra"]["positions"] == "rope"
+    model = quality.build_model(rope, rope._task, 16, 64)
+    assert model.inputs.pos is None, "no learned position table with rope"
+    with pytest.raises(InvalidOption, match="positions"):
+        QualityCase("induction", "softmax", "quick", positions="sinusoidal")

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from ..api import info
 from ..errors import InvalidOption
 from ..nn import CausalLM, EncoderClassifier, EncoderDecoder
+from ..nn.blocks import POSITIONS
 from ..patterns import Pattern
 from .case import BenchCase, Budget
 from .cases import select_mechanisms, split_names
@@ -62,10 +63,13 @@ class QualityCase(BenchCase):
     options: dict[str, Any] = field(default_factory=dict)
     device: str = "cpu"
     lr: float | None = None  # None: the task's one learning rate; set by --lr-sweep
+    positions: str = "learned"  # the backbone's positions: learned (default), rope or none (--positions)
 
     def __post_init__(self):
         if self.lr is not None and not (isinstance(self.lr, float) and 0 < self.lr < 1):
             raise InvalidOption(f"learning rate must be a float in (0, 1); got {self.lr!r}")
+        if self.positions not in POSITIONS:
+            raise InvalidOption(f"positions={self.positions!r}; expected one of {', '.join(POSITIONS)}")
 
     @property
     def learning_rate(self) -> float:
@@ -86,18 +90,21 @@ class QualityCase(BenchCase):
     @property
     def series(self) -> tuple:
         options = json.dumps(self.options, sort_keys=True)
-        return ("quality", self.task, self.mechanism, self.preset, options, self.learning_rate)
+        return ("quality", self.task, self.mechanism, self.preset, options, self.learning_rate, self.positions)
 
     def key(self, device_name: str, threads: int) -> str:
         task = self._task
         what = {"kind": "quality", **asdict(self), "version": task.VERSION, "device_name": device_name}
         if self.lr is None:
             del what["lr"]  # the task's own rate: keys of stores written before --lr-sweep stay valid
+        if self.positions == "learned":
+            del what["positions"]  # likewise for the default positions
         return json.dumps(what, sort_keys=True)  # threads change the time, not the score
 
     def label(self) -> str:
         lr = "" if self.lr is None else f", lr {self.lr:g}"
-        return f"{self.mechanism} on {self.task} ({self.preset}, seed {self.seed}{lr})"
+        pos = "" if self.positions == "learned" else f", {self.positions} positions"
+        return f"{self.mechanism} on {self.task} ({self.preset}, seed {self.seed}{lr}{pos})"
 
     def row(self) -> dict[str, Any]:
         task = self._task
@@ -119,6 +126,7 @@ class QualityCase(BenchCase):
                 "higher_is_better": task.metric.higher_is_better,
                 "lr": self.learning_rate,
                 "lr_swept": self.lr is not None,
+                "positions": self.positions,
             },  # fmt: skip
         }
 
@@ -131,9 +139,10 @@ class QualityCase(BenchCase):
 
 
 def build_model(case: QualityCase, task, vocab: int, longest: int) -> torch.nn.Module:
-    """The task's backbone with learned positions up to ``longest`` tokens (the longest test variant)."""
+    """The task's backbone; learned positions reach ``longest`` tokens (the longest test variant), and their rows
+    past the training length stay untrained: length generalisation wants ``positions="rope"`` or ``"none"``."""
     size = dict(MODEL[case.preset])
-    common = dict(mechanism=case.mechanism, positions="learned", max_positions=longest, **size, **case.options)
+    common = dict(mechanism=case.mechanism, positions=case.positions, max_positions=longest, **size, **case.options)
     if task.output == "class":
         return EncoderClassifier(task.num_classes, vocab=vocab, pooling="mean", **EMBED, **common)
     if task.output == "series":  # one value per step in and out
@@ -229,7 +238,14 @@ def train_and_evaluate(case: QualityCase, task) -> dict[str, Any]:
 
 
 def quality_cases(
-    *, tasks, names, preset: str, seeds: tuple[int, ...], device: str = "cpu", lrs: tuple[float, ...] | None = None
+    *,
+    tasks,
+    names,
+    preset: str,
+    seeds: tuple[int, ...],
+    device: str = "cpu",
+    lrs: tuple[float, ...] | None = None,
+    positions: str = "learned",
 ) -> list[QualityCase]:
     """Every (task, mechanism, seed), at each of ``lrs`` (None: the task's one rate); a mechanism without a
     task's pattern gives a not-applicable case."""
@@ -244,7 +260,7 @@ def quality_cases(
     mechs = select_mechanisms(names)
     rates = (None,) if not lrs else tuple(dict.fromkeys(float(lr) for lr in lrs))
     return [
-        QualityCase(t, m, preset, s, device=device, lr=lr)
+        QualityCase(t, m, preset, s, device=device, lr=lr, positions=positions)
         for t in dict.fromkeys(task_names)
         for m in mechs
         for s in seeds

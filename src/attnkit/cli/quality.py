@@ -21,6 +21,7 @@ from ..bench.scores import (
 )
 from ..bench.store import Store
 from ..errors import AttnkitError
+from ..nn.blocks import POSITIONS
 
 # per case: the worker is given 3x this before it is stopped (training, not one call)
 QUALITY_BUDGET_S = {"quick": 120.0, "cpu": 900.0, "gpu": 1800.0}
@@ -66,13 +67,14 @@ def quality_summary(db: str) -> str:
     return "\n".join(lines + [""] + ci_summary(rows))
 
 
-def run_quality(args: argparse.Namespace, *, tasks, names, preset: str, seeds, lrs=None) -> object:
+def run_quality(args: argparse.Namespace, *, tasks, names, preset: str, seeds, lrs=None, positions="learned") -> object:
     device = "cuda" if preset == "gpu" else "cpu"  # the gpu preset's sizes take hours on a CPU
     if device == "cuda" and not torch.cuda.is_available():
         raise AttnkitError("--preset gpu: no CUDA device is visible to torch (use --preset quick or cpu)")
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
-    cases = quality_cases(tasks=tasks, names=names, preset=preset, seeds=tuple(seeds), lrs=lrs, device=device)
+    cases = quality_cases(tasks=tasks, names=names, preset=preset, seeds=tuple(seeds), lrs=lrs, device=device,
+                          positions=positions)  # fmt: skip
     budget = Budget(time_s=QUALITY_BUDGET_S[preset], timing_s=0.0)
     with Store(args.db) as store:
         print(f"{len(cases)} quality cases ({preset}) into {args.db}", flush=True)
@@ -84,7 +86,7 @@ def cmd_quality(args: argparse.Namespace) -> int:
 
     lrs = None if args.lr_sweep is None else (flatten(args.lr_sweep) or LR_GRID)  # given alone: the grid
     summary = run_quality(args, tasks=args.tasks, names=args.mechanisms, preset=args.preset,
-                          seeds=flatten(args.seeds) or (0,), lrs=lrs)  # fmt: skip
+                          seeds=flatten(args.seeds) or (0,), lrs=lrs, positions=args.positions)  # fmt: skip
     print(summary.text())
     print("\n" + quality_summary(args.db))
     return _finish(summary)
@@ -139,6 +141,9 @@ def add_parser(bsub, sweep_args) -> None:
     p.add_argument("--seeds", nargs="+", type=seed_list, metavar="S", help="training seeds (default: 0)")
     p.add_argument("--threads", type=thread_count, help="torch threads per case, at most the cores (default: torch's"
                    " choice; on a busy 2-core machine 1 trains many times faster than 2)")  # fmt: skip
+    p.add_argument("--positions", choices=POSITIONS, default="learned",
+                   help="the backbone's positions (default: learned, untrained past the training length; rope or"
+                   " none to test length generalisation)")  # fmt: skip
     grid = " ".join(f"{lr:g}" for lr in LR_GRID)
     p.add_argument(
         "--lr-sweep",
