@@ -415,3 +415,17 @@ def test_quality_details_show_model_free_baselines_and_the_ratio_to_softmax(tmp_
     text = _text(_section(build_report(db, tmp_path / "q.html").read_text(), "quality", "decode"))
     assert "seasonal_naive_mse 0.00047" in text
     assert re.search(r"linear\s+mse\s+0\.0008\s+\+0\.0004 \(1\)\s+2\b", text), "Δ and the ratio to softmax"
+
+
+def test_speed_rows_with_default_options_match_quality_rows_without_options():
+    from types import SimpleNamespace
+
+    from attnkit.report.quality import _speed_label
+
+    def curve(options):
+        return SimpleNamespace(mechanism="sliding_window", options=options)
+
+    assert _speed_label(curve("window=256")) == "sliding_window", "speed rows record the default window"
+    assert _speed_label(curve("window=64")) == "sliding_window window=64"
+    assert _speed_label(curve("")) == "sliding_window"
+    assert _speed_label(SimpleNamespace(mechanism="no_such_mechanism", options="k=1")) == "no_such_mechanism k=1"

@@ -8,12 +8,14 @@ passkey and induction heatmaps, and the details per task.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections import defaultdict
 from html import escape
 from typing import Any
 
+from ..api import info
 from ..bench.derived import SDPA, curves, paired_speedup
 from ..bench.scores import (
     BASELINE,
@@ -31,6 +33,7 @@ from ..bench.scores import (
     seed_scores,
     task_info,
 )
+from ..errors import AttnkitError
 from .answer import _setting_of
 from .charts import (
     MAX_LINES,
@@ -74,9 +77,21 @@ def _reference(shipped: dict | None, ok: Rows, preset: str) -> tuple[dict | None
     )
 
 
+def _default_items(mechanism: str) -> set[str]:
+    """``{"window=256", ...}``: the mechanism's default options as the speed curves write them."""
+    try:
+        options = info(mechanism).options
+    except AttnkitError:  # a mechanism the store knows and this install does not
+        return set()
+    return {f"{f.name}={f.default}" for f in dataclasses.fields(options) if f.default is not dataclasses.MISSING}
+
+
 def _speed_label(curve) -> str:
-    """A speed curve's mechanism as ``mechanism_label`` writes a quality row's."""
-    return f"{curve.mechanism} {curve.options}" if curve.options else curve.mechanism
+    """A speed curve's mechanism as ``mechanism_label`` writes a quality row's. The speed rows record every
+    option, defaults included, and a quality row only those it was given: options at their defaults drop."""
+    defaults = _default_items(curve.mechanism)
+    kept = [item for item in curve.options.split(", ") if item and item not in defaults]
+    return f"{curve.mechanism} {', '.join(kept)}" if kept else curve.mechanism
 
 
 def speed_at(rows: Rows, pattern: str, labels: set[str]) -> tuple[int, dict[str, float], str] | None:
