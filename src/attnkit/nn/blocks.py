@@ -195,6 +195,23 @@ class Block(nn.Module):
         return x, BlockState(attn=attn_state, conv=conv_state, cross_queries=queries)
 
 
+def block_stack(depth: int, dim: int, heads: int, *, mechanism: str, options: dict[str, Any] | None, positions: str,
+                **block: Any) -> nn.ModuleList:  # fmt: skip
+    """``depth`` :class:`Block` s; block i gets its own options (``layer_options``) and rotary positions when
+    ``positions == "rope"``; ``block`` holds the rest of Block's arguments (pattern, mlp_ratio ...)."""
+    return nn.ModuleList(
+        Block(
+            dim,
+            heads,
+            mechanism=mechanism,
+            rope=positions == "rope",
+            options=layer_options(mechanism, options or {}, i, depth),
+            **block,
+        )  # fmt: skip
+        for i in range(depth)
+    )
+
+
 class InputEmbedding(nn.Module):
     """Token ids ``[B, T]`` through an embedding (``vocab``) or real values ``[B, T, in_dim]`` through a linear
     map (``in_dim``: series, pixels), plus learned absolute positions when asked -> ``[B, T, dim]``."""

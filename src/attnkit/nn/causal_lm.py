@@ -14,7 +14,7 @@ from torch import nn
 
 from ..errors import InvalidOption
 from ..patterns import Pattern
-from .blocks import Block, InputEmbedding, ModelState, layer_options, require_patterns
+from .blocks import InputEmbedding, ModelState, block_stack, require_patterns
 
 
 class CausalLM(nn.Module):
@@ -65,19 +65,17 @@ class CausalLM(nn.Module):
             dim, vocab=vocab, in_dim=None, positions=positions, max_positions=max_positions, embed_std=embed_std
         )
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(
-            Block(
-                dim,
-                heads,
-                mechanism=mechanism,
-                pattern=Pattern.CAUSAL_SELF,
-                rope=positions == "rope",
-                conv_kernel=conv_kernel,
-                mlp_ratio=mlp_ratio,
-                dropout=dropout,
-                options=layer_options(mechanism, options, i, depth),
-            )
-            for i in range(depth)
+        self.blocks = block_stack(
+            depth,
+            dim,
+            heads,
+            mechanism=mechanism,
+            options=options,
+            positions=positions,
+            pattern=Pattern.CAUSAL_SELF,
+            conv_kernel=conv_kernel,
+            mlp_ratio=mlp_ratio,
+            dropout=dropout,
         )
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, vocab, bias=False)

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..errors import InvalidOption, ShapeError
 from ..patterns import Pattern
-from .blocks import Block, InputEmbedding, layer_options, require_patterns
+from .blocks import InputEmbedding, block_stack, require_patterns
 
 POOLING = ("cls", "mean")
 
@@ -49,18 +49,16 @@ class Encoder(nn.Module):
             dim, vocab=vocab, in_dim=in_dim, positions=positions, max_positions=max_positions, embed_std=embed_std
         )
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(
-            Block(
-                dim,
-                heads,
-                mechanism=mechanism,
-                pattern=Pattern.NONCAUSAL_SELF,
-                rope=positions == "rope",
-                mlp_ratio=mlp_ratio,
-                dropout=dropout,
-                options=layer_options(mechanism, options or {}, i, depth),
-            )
-            for i in range(depth)
+        self.blocks = block_stack(
+            depth,
+            dim,
+            heads,
+            mechanism=mechanism,
+            options=options,
+            positions=positions,
+            pattern=Pattern.NONCAUSAL_SELF,
+            mlp_ratio=mlp_ratio,
+            dropout=dropout,
         )
         self.norm = nn.LayerNorm(dim)
 

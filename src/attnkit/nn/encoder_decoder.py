@@ -15,7 +15,7 @@ from torch import nn
 
 from ..errors import InvalidOption, ShapeError
 from ..patterns import Pattern, as_pattern
-from .blocks import Block, InputEmbedding, ModelState, layer_options, require_patterns
+from .blocks import InputEmbedding, ModelState, block_stack, require_patterns
 from .encoder import Encoder
 
 
@@ -85,19 +85,17 @@ class EncoderDecoder(nn.Module):
             dim, vocab=vocab, in_dim=in_dim, positions=positions, max_positions=max_positions, embed_std=embed_std
         )
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(
-            Block(
-                dim,
-                heads,
-                mechanism=mechanism,
-                pattern=Pattern.CAUSAL_SELF,
-                cross_pattern=cross_pattern,
-                rope=positions == "rope",
-                mlp_ratio=mlp_ratio,
-                dropout=dropout,
-                options=layer_options(mechanism, options, i, decoder_depth),
-            )
-            for i in range(decoder_depth)
+        self.blocks = block_stack(
+            decoder_depth,
+            dim,
+            heads,
+            mechanism=mechanism,
+            options=options,
+            positions=positions,
+            pattern=Pattern.CAUSAL_SELF,
+            cross_pattern=cross_pattern,
+            mlp_ratio=mlp_ratio,
+            dropout=dropout,
         )
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, out_dim)
