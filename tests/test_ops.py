@@ -13,7 +13,7 @@ from attnkit.errors import AttnkitError, UnknownMechanism
 from attnkit.ops.banded import band_pairs, banded_attention
 from attnkit.ops.chunked import bidirectional_linear_scan, causal_linear_scan
 from attnkit.options import option_docs
-from attnkit.patterns import and_masks, causal, dense_mask, window
+from attnkit.patterns import and_masks, causal, dense_mask, or_masks, window
 from attnkit.registry import Registry
 from attnkit.testing import assert_close, make_qkv
 
@@ -27,7 +27,9 @@ def test_band_pairs_counts_exactly():
 
 
 def dense_band(q, k, v, before, after, q_offset, kpm, scale):
-    mask = dense_mask(lambda i, j: (j >= i - before) & (j <= i + after), q.shape[1], k.shape[1], q_offset=q_offset)
+    mask = dense_mask(
+        lambda b, h, i, j: (j >= i - before) & (j <= i + after), q.shape[1], k.shape[1], q_offset=q_offset
+    )[0, 0]
     mask = mask[None, None] & (kpm[:, None, None, :] if kpm is not None else True)
     g = q.shape[2] // k.shape[2]
     s = torch.einsum("bqhd,bkhd->bhqk", q, k.repeat_interleave(g, 2)) * scale
@@ -81,12 +83,24 @@ def test_causal_linear_scan_matches_the_recurrence(t, chunk):
 
 
 def test_mask_predicates_compose():
-    m = dense_mask(and_masks(causal, window(3, causal=True)), 5, 5)
+    m = dense_mask(and_masks(causal, window(3, causal=True)), 5, 5)[0, 0]
     expected = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [0, 1, 1, 1, 0], [0, 0, 1, 1, 1]])
     assert torch.equal(m, expected.bool())
     assert dense_mask(None, 3, 3) is None and and_masks(None, None) is None
     shifted = dense_mask(causal, 2, 5, q_offset=3)  # two queries after three cached keys
-    assert shifted.tolist() == [[True] * 4 + [False], [True] * 5]
+    assert shifted.tolist() == [[[[True] * 4 + [False], [True] * 5]]]
+
+
+def test_mask_predicates_see_batch_and_head():
+    # a head-dependent stride: head h sees keys j with j % 2 == h; batch row 1 also sees key 0
+    def stride(b, h, q_idx, kv_idx):
+        return (kv_idx % 2 == h) | ((b == 1) & (kv_idx == 0))
+
+    m = dense_mask(or_masks(stride, window(1, causal=True)), 3, 4, batch=2, heads=2)
+    assert m.shape == (2, 2, 3, 4)
+    assert m[0, 0].tolist() == [[True, False, True, False], [True, True, True, False], [True, False, True, False]]
+    assert m[1, 1, 2].tolist() == [True, True, True, True]
+    assert m[0, 1, 0].tolist() == [True, True, False, True]
 
 
 def test_option_docs_reads_field_comments():

@@ -1,8 +1,12 @@
 """The four attention patterns (CAB's taxonomy) and the mask predicates built on them.
 
-A mask predicate follows attention-gym: ``pred(q_idx, kv_idx) -> bool tensor`` where ``q_idx`` is a
-``[Tq, 1]`` column of query positions *in key coordinates* and ``kv_idx`` a ``[1, Tk]`` row of key
-positions. Predicates compose with :func:`and_masks`.
+A mask predicate follows attention-gym (FlexAttention's ``mask_mod``): ``pred(b, h, q_idx, kv_idx) -> bool``,
+True where the query at ``q_idx`` (a position *in key coordinates*) may see the key at ``kv_idx``, for
+batch row ``b`` and query head ``h``. The same predicate is evaluated on broadcastable index tensors
+(``b [B,1,1,1]``, ``h [1,H,1,1]``, ``q_idx [1,1,Tq,1]``, ``kv_idx [1,1,1,Tk]``) for the dense masks of
+references, by ``ops/block_layout`` for the block layouts of fast paths, and can be handed to
+FlexAttention's ``create_block_mask`` as it is. Predicates use elementwise tensor operations only (no
+Python branching on index values) and compose with :func:`and_masks`.
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ import torch
 
 from .errors import InvalidOption, did_you_mean
 
-MaskPredicate = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# (b, h, q_idx, kv_idx) -> bool
+MaskPredicate = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class Pattern(str, Enum):
@@ -61,7 +66,7 @@ def as_pattern(pattern: Pattern | str) -> Pattern:
 # ---- mask predicates ------------------------------------------------------------------------------
 
 
-def causal(q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+def causal(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
     """Key j is visible to the query at key position i when j <= i."""
     return kv_idx <= q_idx
 
@@ -69,7 +74,7 @@ def causal(q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
 def window(size: int, *, causal: bool) -> MaskPredicate:
     """Keys at distance < size: the last `size` keys (causal) or |i - j| < size (noncausal)."""
 
-    def pred(q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+    def pred(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
         dist = q_idx - kv_idx
         return (dist >= 0) & (dist < size) if causal else dist.abs() < size
 
@@ -82,10 +87,10 @@ def and_masks(*preds: MaskPredicate | None) -> MaskPredicate | None:
     if not preds:
         return None
 
-    def pred(q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
-        out = preds[0](q_idx, kv_idx)
+    def pred(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        out = preds[0](b, h, q_idx, kv_idx)
         for p in preds[1:]:
-            out = out & p(q_idx, kv_idx)
+            out = out & p(b, h, q_idx, kv_idx)
         return out
 
     return pred
@@ -100,12 +105,39 @@ def pattern_predicate(pattern: Pattern) -> MaskPredicate | None:
     return causal if pattern is Pattern.CAUSAL_SELF else None
 
 
+def or_masks(*preds: MaskPredicate) -> MaskPredicate:
+    """The predicate that holds where any of the given predicates holds (global tokens OR a band...)."""
+    if not preds:
+        raise ValueError("or_masks needs at least one predicate")
+
+    def pred(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        out = preds[0](b, h, q_idx, kv_idx)
+        for p in preds[1:]:
+            out = out | p(b, h, q_idx, kv_idx)
+        return out
+
+    return pred
+
+
 def dense_mask(
-    pred: MaskPredicate | None, tq: int, tk: int, *, q_offset: int = 0, device: torch.device | None = None
+    pred: MaskPredicate | None,
+    tq: int,
+    tk: int,
+    *,
+    q_offset: int = 0,
+    batch: int = 1,
+    heads: int = 1,
+    device: torch.device | None = None,
 ) -> torch.Tensor | None:
-    """The ``[Tq, Tk]`` bool mask of a predicate; query i sits at key position ``i + q_offset``."""
+    """The bool mask ``[B|1, H|1, Tq, Tk]`` of a predicate; query i sits at key position ``i + q_offset``.
+
+    The batch and head axes have size 1 unless the predicate depends on ``b`` or ``h``.
+    """
     if pred is None:
         return None
-    q_idx = torch.arange(tq, device=device).unsqueeze(1) + q_offset  # [Tq, 1]
-    kv_idx = torch.arange(tk, device=device).unsqueeze(0)  # [1, Tk]
-    return pred(q_idx, kv_idx)
+    b = torch.arange(batch, device=device).view(-1, 1, 1, 1)  # [B, 1, 1, 1]
+    h = torch.arange(heads, device=device).view(1, -1, 1, 1)  # [1, H, 1, 1]
+    q_idx = (torch.arange(tq, device=device) + q_offset).view(1, 1, -1, 1)  # [1, 1, Tq, 1]
+    kv_idx = torch.arange(tk, device=device).view(1, 1, 1, -1)  # [1, 1, 1, Tk]
+    m = torch.as_tensor(pred(b, h, q_idx, kv_idx), device=device)
+    return m.expand(torch.broadcast_shapes(m.shape, (1, 1, tq, tk)))

@@ -131,9 +131,7 @@ def _flex_build(case: Case, q, k, v, grad: bool) -> Forward:
         pred = causal if case.pattern == CS else None  # causal_cross restricts no key for softmax
     block_mask = None
     if pred is not None:
-        block_mask = create_block_mask(
-            lambda b, h, qi, ki: pred(qi, ki), B=None, H=None, Q_LEN=case.tq, KV_LEN=case.tk, device=q.device
-        )
+        block_mask = create_block_mask(pred, B=None, H=None, Q_LEN=case.tq, KV_LEN=case.tk, device=q.device)
     # no eager fallback: uncompiled flex_attention materialises the scores, which is not what we time
     compiled = torch.compile(flex_attention, dynamic=False, fullgraph=True)
     qh, kh, vh = (_bhtd(t, grad) for t in (q, k, v))

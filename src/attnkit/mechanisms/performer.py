@@ -28,10 +28,8 @@ have norm 11) pointing along the longest w. ``eps`` is added to the (query-stabi
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -42,8 +40,7 @@ from ..ops.feature_maps import orthogonal_gaussian, positive_random_features
 from ..options import MAX_SEED, check_float, check_int
 from ..patterns import ALL_PATTERNS, Pattern
 from ._kernel_base import KernelAttention
-
-SEED_RANGE = 2**31  # seeds drawn at create lie in [0, 2^31): any torch.Generator accepts them
+from ._seeded import SeededDraws
 
 
 @dataclass(frozen=True)
@@ -62,7 +59,7 @@ class PerformerOptions:
 
 
 @register_mechanism("performer")
-class Performer(KernelAttention):
+class Performer(SeededDraws, KernelAttention):
     family = "kernel"
     paper = Paper("Rethinking Attention with Performers", 2021, "2009.14794")
     patterns = ALL_PATTERNS
@@ -76,39 +73,11 @@ class Performer(KernelAttention):
     example_options = ({"num_features": 48}, {"num_features": 16, "seed": 3, "chunk_size": 16})
     fidelity_knob = ("num_features", (64, 128, 256))
 
-    def __init__(self, heads: int | None = None, head_dim: int | None = None, **options: Any):
-        super().__init__(heads, head_dim, **options)
-        seed = self.options.seed
-        self.feature_seed = int(torch.randint(SEED_RANGE, ())) if seed is None else seed
-        self._w: dict[tuple, torch.Tensor] = {}  # W per (head dim, device, dtype), derived from the seed
-
-    def redraw(self, seed: int | None = None) -> None:
-        """Draw new features: from ``seed``, or from a seed drawn from torch's global generator."""
-        self.options = dataclasses.replace(self.options, seed=seed)  # checks the value
-        self.feature_seed = int(torch.randint(SEED_RANGE, ())) if seed is None else seed
-        self._w.clear()
-
-    def state_options(self) -> PerformerOptions:
-        """The options with the seed the features were drawn from (drawn at create when none was given)."""
-        return dataclasses.replace(self.options, seed=self.feature_seed)
-
-    def get_extra_state(self) -> dict[str, int]:
-        return {"feature_seed": self.feature_seed}
-
-    def set_extra_state(self, state: dict[str, int]) -> None:
-        self.feature_seed = int(state["feature_seed"])
-        self._w.clear()
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, feature_seed={self.feature_seed}"
-
     def projection(self, dim: int, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
         """The random features ``W [m, dim]`` (drawn in fp64 on the CPU, so every device gets the same)."""
-        key = (dim, torch.device(device), dtype)
-        if key not in self._w:
-            w = orthogonal_gaussian(self.options.num_features, dim, self.feature_seed)
-            self._w[key] = w.to(device=device, dtype=dtype)
-        return self._w[key]
+        m = self.options.num_features
+        make = lambda gen: orthogonal_gaussian(m, dim, self.draw_seed).to(device=device, dtype=dtype)  # noqa: E731
+        return self.drawn((dim, torch.device(device), dtype), make)
 
     def features(self, x: AttentionInputs, role: str) -> torch.Tensor:
         cdt = self.compute_dtype(x)

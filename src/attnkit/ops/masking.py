@@ -9,16 +9,14 @@ from ..patterns import MaskPredicate, Pattern, and_masks, dense_mask, pattern_pr
 
 
 def visibility(x: AttentionInputs, extra: MaskPredicate | None = None) -> torch.Tensor | None:
-    """Bool mask ``[B or 1, 1, Tq, Tk]`` of the keys each query may see, or None when it sees all.
+    """Bool mask ``[B|1, H|1, Tq, Tk]`` of the keys each query may see, or None when it sees all.
 
-    Combines the pattern's positional rule, an optional extra predicate (a window, say) and the key
-    padding mask.
+    Combines the pattern's positional rule, an optional extra predicate (a window, say; it may depend on
+    the batch row and query head) and the key padding mask.
     """
     pred = and_masks(pattern_predicate(x.pattern), extra)
-    m = dense_mask(pred, x.tq, x.tk, q_offset=x.q_offset, device=x.q.device)  # [Tq, Tk]
+    m = dense_mask(pred, x.tq, x.tk, q_offset=x.q_offset, batch=x.batch, heads=x.heads, device=x.q.device)
     kpm = x.key_padding_mask
-    if m is not None:
-        m = m[None, None]  # [1, 1, Tq, Tk]
     if kpm is not None:
         kpm = kpm[:, None, None, :]  # [B, 1, 1, Tk]
         m = kpm if m is None else m & kpm

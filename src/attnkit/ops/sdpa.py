@@ -45,7 +45,7 @@ def masked_sdpa(x: AttentionInputs, extra: MaskPredicate | None = None) -> torch
     """SDPA over the keys ``x``'s pattern, padding and an optional extra predicate allow.
 
     Without padding, extra predicate or cache offset no mask tensor is built at all (the fused
-    kernel's fastest case). Otherwise a bool ``[B|1, 1, Tq, Tk]`` mask is passed, and queries that see
+    kernel's fastest case). Otherwise a bool ``[B|1, H|1, Tq, Tk]`` mask is passed, and queries that see
     no key are set to zero explicitly (backends differ: some return NaN there).
     """
     causal = x.pattern is Pattern.CAUSAL_SELF
@@ -55,5 +55,5 @@ def masked_sdpa(x: AttentionInputs, extra: MaskPredicate | None = None) -> torch
     out = sdpa(x.q, x.k, x.v, scale=x.scale, mask=mask)
     if mask is None:
         return out
-    seen = mask.any(-1).transpose(1, 2)[..., None]  # [B|1, Tq, 1, 1]
+    seen = mask.any(-1).transpose(1, 2)[..., None]  # [B|1, Tq, H|1, 1]
     return torch.where(seen, out, torch.zeros((), dtype=out.dtype, device=out.device))
