@@ -429,3 +429,27 @@ def test_speed_rows_with_default_options_match_quality_rows_without_options():
     assert _speed_label(curve("window=64")) == "sliding_window window=64"
     assert _speed_label(curve("")) == "sliding_window"
     assert _speed_label(SimpleNamespace(mechanism="no_such_mechanism", options="k=1")) == "no_such_mechanism k=1"
+
+
+def test_fidelity_groups_families_with_kernel_first():
+    from attnkit.report import sections
+
+    def row(mech, knob, value, t, tau, err):
+        return {"kind": "fidelity", "status": "ok", "mechanism": mech, "pattern": "noncausal_self", "tokens": t,
+                "error": err, "options": {knob: value}, "extra": {"temperature": tau, "inputs": "random"}}  # fmt: skip
+
+    rows = [
+        row(mech, knob, value, t, tau, 0.01 * value + t / 1e5)
+        for mech, knob in (("sliding_window", "window"), ("performer", "num_features"), ("sigmoid", "bias"))
+        for value in (1, 2)
+        for t in (256, 1024)
+        for tau in (1.0, 2.0)
+    ]
+    html = sections.fidelity(rows)
+    titles = list(dict.fromkeys(re.findall(r"Error vs T: ([^,]+),", html)))  # a title appears twice in a chart
+    assert titles == ["kernel (linear)", "fixed and estimated sparse", "softmax variants"]
+    table = html[html.index("<table") : html.index("</table>")]
+    # one row per mechanism, kernel family first; the cells give every knob value's error at the longest T
+    assert table.index("performer") < table.index("sliding_window")
+    assert "window=1: 0.0202" in table and "window=2: 0.0302" in table
+    assert html.count("<tr>") == 1 + 3

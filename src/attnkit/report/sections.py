@@ -64,16 +64,31 @@ FAMILY_GROUPS = {
     "recurrent softmax": "decay and recurrent",
     "hybrid": "decay and recurrent",
 }
-OTHER_GROUP = "softmax variants, sparse"
+# families named by their first words: "low-rank, trainable" is low-rank, "routed sparse" is routed
+FAMILY_PREFIXES = {
+    "low-rank": "low-rank",
+    "routed": "routed sparse",
+    "fixed sparse": "fixed and estimated sparse",
+    "sparse": "fixed and estimated sparse",
+    "kernel": "kernel (linear)",
+}
+OTHER_GROUP = "softmax variants"
 PER_CHART = MAX_LINES - 2
 
 
-def _group_of(curve: Curve) -> str:
+def _group_of_name(mechanism: str) -> str:
+    """The chart group of a mechanism: its family, with related families drawn together."""
     try:
-        family = info(curve.mechanism).family
+        family = info(mechanism).family
     except AttnkitError:  # a peer's counterpart that attnkit does not have (yet)
         return "peers"
-    return FAMILY_GROUPS.get(family, OTHER_GROUP)
+    if family in FAMILY_GROUPS:
+        return FAMILY_GROUPS[family]
+    return next((g for prefix, g in FAMILY_PREFIXES.items() if family.startswith(prefix)), OTHER_GROUP)
+
+
+def _group_of(curve: Curve) -> str:
+    return _group_of_name(curve.mechanism)
 
 
 def _by_setting(all_curves: list[Curve], mode: str | None = None) -> dict[tuple, list[Curve]]:
@@ -227,33 +242,68 @@ def _chunks(items: list, size: int) -> list[list]:
     return [items[i : i + size] for i in range(0, len(items), size)] or [[]]
 
 
+def _group_rank(group: str) -> tuple[int, str]:
+    """The kernel family first (the reference point of approximate attention), then the others by name."""
+    return (0 if group == FAMILY_GROUPS["kernel"] else 1, group)
+
+
+def _knob_table(sel: list[dict[str, Any]]) -> str:
+    """Mechanism x knob value -> error at the longest T, temperature 1, per input kind; families grouped."""
+    t_max = max(r["tokens"] for r in sel)
+    inputs = sorted({str(r["extra"].get("inputs")) for r in sel})
+    cells: dict[tuple[str, str], dict[str, list[str]]] = defaultdict(lambda: defaultdict(list))
+    for r in sorted(sel, key=lambda r: (r["mechanism"], str(sorted(r["options"].items())))):
+        if r["tokens"] != t_max or r["extra"].get("temperature") != 1.0:
+            continue
+        knob = ", ".join(f"{k}={v}" for k, v in sorted(r["options"].items()) if v is not None) or "—"
+        cells[(_group_of_name(r["mechanism"]), r["mechanism"])][str(r["extra"].get("inputs"))].append(
+            f"{knob}: {_num(r['error'])}"
+        )
+    rows = [
+        [group, mech, *("; ".join(cells[(group, mech)][i]) or "—" for i in inputs)]
+        for group, mech in sorted(cells, key=lambda gm: (_group_rank(gm[0]), gm[1]))
+    ]
+    return f"<p>Error at T = {t_max}, temperature 1, for each value of the mechanism's knob:</p>" + table(
+        ["family", "mechanism", *(f"{i} inputs" for i in inputs)], rows, cls="fidelity"
+    )
+
+
 def fidelity(rows: list[dict[str, Any]]) -> str:
+    """Per pattern: the knob table, then error vs T and vs temperature, one chart per family group (the
+    kernel family first, the sparse, low-rank and routed families beside it)."""
     fid = [r for r in rows if r["kind"] == "fidelity" and r["status"] == "ok"]
     if not fid:
         return '<p class="empty">No fidelity results in this store: run <code>attnkit bench fidelity</code>.</p>'
     parts = []
     for pattern in sorted({r["pattern"] for r in fid}):
+        parts.append(f"<h3>{escape(pattern)}</h3>" + _knob_table([r for r in fid if r["pattern"] == pattern]))
         for inputs in sorted({str(r["extra"].get("inputs")) for r in fid}):
             sel = [r for r in fid if r["pattern"] == pattern and str(r["extra"].get("inputs")) == inputs]
-            by_t: dict[str, list] = defaultdict(list)
-            by_tau: dict[str, list] = defaultdict(list)
+            if not sel:
+                continue
             t_max = max(r["tokens"] for r in sel)
+            by_group: dict[str, dict[str, dict[str, list]]] = defaultdict(
+                lambda: {"t": defaultdict(list), "tau": defaultdict(list)}
+            )
             for r in sel:
+                lines = by_group[_group_of_name(r["mechanism"])]
                 if r["extra"].get("temperature") == 1.0:
-                    by_t[_fidelity_label(r)].append((r["tokens"], r["error"]))
+                    lines["t"][_fidelity_label(r)].append((r["tokens"], r["error"]))
                 if r["tokens"] == t_max:
-                    by_tau[_fidelity_label(r)].append((r["extra"].get("temperature"), r["error"]))
-            for n, labels in enumerate(_chunks(sorted(by_t), MAX_LINES)):
-                part = f" ({n + 1})" if len(by_t) > MAX_LINES else ""
-                parts.append(render(Chart(f"Error vs T: {pattern}, {inputs}{part}", "T", "relative error",
-                                          [Series(k, by_t[k]) for k in labels],
-                                          caption=f"{pattern}, {inputs} inputs, temperature 1")))  # fmt: skip
-            for n, labels in enumerate(_chunks(sorted(by_tau), MAX_LINES)):
-                part = f" ({n + 1})" if len(by_tau) > MAX_LINES else ""
-                parts.append(render(Chart(f"Error vs temperature: {pattern}, {inputs}{part}",
-                                          "temperature (scales q)", "relative error",
-                                          [Series(k, by_tau[k]) for k in labels],
-                                          caption=f"{pattern}, {inputs} inputs, T = {t_max}")))  # fmt: skip
+                    lines["tau"][_fidelity_label(r)].append((r["extra"].get("temperature"), r["error"]))
+            for group in sorted(by_group, key=_group_rank):
+                for what, x_label, caption in (
+                    ("t", "T", f"{pattern}, {inputs} inputs, temperature 1"),
+                    ("tau", "temperature (scales q)", f"{pattern}, {inputs} inputs, T = {t_max}"),
+                ):
+                    lines = by_group[group][what]
+                    labels = _chunks(sorted(lines), MAX_LINES)
+                    for n, chunk in enumerate(labels):
+                        part = f" ({n + 1}/{len(labels)})" if len(labels) > 1 else ""
+                        title = f"Error vs {'T' if what == 't' else 'temperature'}: {group}{part}, {pattern}, {inputs}"
+                        chart = Chart(title, x_label, "relative error", [Series(k, lines[k]) for k in chunk],
+                                      caption=caption)  # fmt: skip
+                        parts.append(render(chart))
     return "\n".join(parts)
 
 
