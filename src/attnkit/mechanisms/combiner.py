@@ -42,8 +42,8 @@ from ..patterns import MaskPredicate, Pattern, and_masks, dense_mask
 from ..state import KVCache
 
 # Score elements (batch x heads x queries x keys) one chunk of query blocks may hold in the blocked path:
-# bounds its memory whatever T is (16 MiB of fp32 scores per chunk, a few such temporaries alive).
-CHUNK_SCORES = 1 << 22
+# bounds its memory whatever T is (4 MiB of fp32 scores per chunk, a few such temporaries alive).
+CHUNK_SCORES = 1 << 20
 
 
 @dataclass(frozen=True)

@@ -41,7 +41,7 @@ from ..patterns import Pattern
 from ._seeded import SeededDraws
 
 # Sampled scores (batch x heads x queries x samples) one chunk of queries may hold while M is measured.
-CHUNK_SCORES = 1 << 22
+CHUNK_SCORES = 1 << 18
 
 
 @dataclass(frozen=True)

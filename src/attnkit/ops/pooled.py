@@ -40,7 +40,9 @@ def block_means(
     valid = real_mask(key_padding_mask, t.shape[0], t.shape[1], t.device)
     vb = blocked(valid, block, value=False)  # [B, nb, block]
     tb = blocked(t, block)  # [B, nb, block, H, D]
-    kept = torch.where(vb[..., None, None], tb, torch.zeros((), dtype=t.dtype, device=t.device))
+    kept = tb  # without padding no copy (the tail of the last block is zero-filled by ``blocked``)
+    if key_padding_mask is not None:
+        kept = torch.where(vb[..., None, None], tb, torch.zeros((), dtype=t.dtype, device=t.device))
     counts = vb.sum(dim=2).to(t.dtype)  # [B, nb]
     means = kept.sum(dim=2) / counts.clamp(min=1)[..., None, None]  # [B, nb, H, D]
     return means, counts
