@@ -34,7 +34,7 @@ import torch
 
 from ..inputs import AttentionInputs
 from ..mechanism import Complexity, Mechanism, Paper, Shape, fast_path, register_mechanism
-from ..ops.low_rank import iterative_pinv, segment_matrix, segment_means
+from ..ops.low_rank import iterative_pinv, never_empty, segment_matrix, segment_means
 from ..ops.masking import masked_softmax
 from ..ops.reference import compute_dtype, upcast_qkv
 from ..ops.sdpa import sdpa
@@ -96,7 +96,7 @@ class Nystrom(Mechanism):
         zero = torch.zeros((), dtype=cdt, device=q.device)
 
         # B V: the query landmarks attend to the real keys (one fused call); empty landmarks give 0
-        key_mask = None if kpm is None else _never_empty(kpm)[:, None, None, :]  # [B, 1, 1, Tk]
+        key_mask = None if kpm is None else never_empty(kpm)[:, None, None, :]  # [B, 1, 1, Tk]
         bv = torch.where(q_valid[:, :, None, None], sdpa(q_land, k, v, scale=s, mask=key_mask), zero)  # [B, m, H, Dv]
 
         # pinv(A) (B V): m x m, per batch row and head
@@ -105,7 +105,7 @@ class Nystrom(Mechanism):
         w = iterative_pinv(a, self.options.pinv_iterations) @ bv.transpose(1, 2)  # [B, H, m, Dv]
 
         # F (pinv(A) B V): the queries attend to the key landmarks with values w
-        k_seen = _never_empty(k_valid)[:, None, None, :]  # [B|1, 1, 1, m]
+        k_seen = never_empty(k_valid)[:, None, None, :]  # [B|1, 1, 1, m]
         out = sdpa(q, _repeat_heads(k_land, x.groups), w.transpose(1, 2), scale=s, mask=k_seen)  # [B, Tq, H, Dv]
         out = torch.where(k_valid.any(-1)[:, None, None, None], out, zero)  # no key landmark: no real key: 0
         return out.to(x.q.dtype), None
@@ -119,12 +119,6 @@ class Nystrom(Mechanism):
             + it * 4 * m**3  # pinv: four m x m products per step
         )
         return 2.0 * shape.batch * shape.heads * per_head
-
-
-def _never_empty(mask: torch.Tensor) -> torch.Tensor:
-    """``mask [B, N]`` with rows that hold no True made all True: SDPA over no key gives NaN (and NaN gradients
-    even where the output is then replaced), so such rows attend to their (zero) entries and are zeroed after."""
-    return mask | ~mask.any(-1, keepdim=True)
 
 
 def _repeat_heads(t: torch.Tensor, groups: int) -> torch.Tensor:

@@ -81,3 +81,9 @@ def gather_tokens(x: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     """``x [B, T, H, D]`` with its tokens in ``order [B, T]``."""
     b, t, h, d = x.shape
     return torch.gather(x, 1, order[:, :, None, None].expand(b, t, h, d))
+
+
+def never_empty(mask: torch.Tensor) -> torch.Tensor:
+    """``mask [..., N]`` with rows that hold no True made all True. SDPA over no key gives NaN (and NaN gradients
+    even where that output is then replaced), so such rows attend to their (zero) entries and are zeroed after."""
+    return mask | ~mask.any(-1, keepdim=True)
