@@ -14,11 +14,18 @@ from ..ops.low_rank import compact_order, gather_tokens, never_empty
 
 
 def blocked_causal_agents(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_padding_mask: torch.Tensor | None, bs: int, scale: float
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    key_padding_mask: torch.Tensor | None,
+    bs: int,
+    scale: float,
+    q_offset: int = 0,
 ) -> torch.Tensor:
-    """``q [B, T, Hq, Dk]``, ``k [B, T, Hkv, Dk]``, ``v [B, T, Hkv, Dv]`` (every token so far) -> ``[B, T, Hq, Dv]``.
-
-    Outputs at padded positions are finite but meaningless (the caller zeroes them).
+    """``q [B, T, Hq, Dk]``, ``k [B, T, Hkv, Dk]``, ``v [B, T, Hkv, Dv]`` (every token so far) -> the outputs
+    ``[B, T - q_offset, Hq, Dv]`` of the queries from position ``q_offset`` on (a chunk after a cache): only
+    the blocks that hold them attend. Outputs at padded positions are finite but meaningless (the caller
+    zeroes them).
     """
     b, t, h, dk = q.shape
     groups = h // k.shape[2]
@@ -29,15 +36,19 @@ def blocked_causal_agents(
         order = compact_order(key_padding_mask)
         q, k, v = (gather_tokens(x, order) for x in (q, k, v))
         n_real = key_padding_mask.sum(1, keepdim=True)
+    # the first compact row this call needs: the fewest real tokens any row has before q_offset
+    first_row = q_offset if n_real is None else int(key_padding_mask[:, :q_offset].sum(1).min()) if q_offset else 0
     blocks = -(-t // bs)
     q, k, v = (F.pad(x, (0, 0, 0, 0, 0, blocks * bs - t)) for x in (q, k, v))  # [B, nb * bs, H, D]
     agents = q.view(b, blocks, bs, h, dk).mean(2)  # [B, nb, H, Dk]; a partial block's agent is never seen
     agent_values = _gather(agents, k, v, n_real, bs, scale)  # [B, nb, H, Dv]
-    out = _broadcast_and_local(q, k, v, agents, agent_values, n_real, bs, scale)[:, :t]  # [B, T, H, Dv]
-    if order is None:
-        return out
-    index = order[:, :, None, None].expand(-1, -1, h, out.shape[-1])
-    return torch.zeros_like(out).scatter(1, index, out)  # row r of the compact order back to its position
+    first = first_row // bs
+    out = _broadcast_and_local(q, k, v, agents, agent_values, n_real, bs, scale, first)  # [B, Tp - first*bs, H, Dv]
+    out = F.pad(out, (0, 0, 0, 0, first * bs, 0))[:, :t]  # [B, T, H, Dv]; rows of earlier blocks: not asked for
+    if order is not None:
+        index = order[:, :, None, None].expand(-1, -1, h, out.shape[-1])
+        out = torch.zeros_like(out).scatter(1, index, out)  # row r of the compact order back to its position
+    return out[:, q_offset:]
 
 
 def _gather(agents, k, v, n_real, bs: int, scale: float) -> torch.Tensor:
@@ -51,24 +62,26 @@ def _gather(agents, k, v, n_real, bs: int, scale: float) -> torch.Tensor:
     return _sdpa(agents, k, v, sees[..., None, :, :] if sees.dim() == 3 else sees, scale)
 
 
-def _broadcast_and_local(q, k, v, agents, agent_values, n_real, bs: int, scale: float) -> torch.Tensor:
-    """Each block of queries attends, in one softmax, to the agents of earlier blocks and to its own keys up to
-    the query: batched over blocks, keys = [nb agents, bs keys of the block]."""
-    b, tp, h, dk = q.shape
-    blocks, dv = agents.shape[1], v.shape[-1]
-    keys = torch.cat([agents[:, None].expand(b, blocks, blocks, h, dk), k.view(b, blocks, bs, h, dk)], dim=2)
-    values = torch.cat([agent_values[:, None].expand(b, blocks, blocks, h, dv), v.view(b, blocks, bs, h, dv)], dim=2)
-    c = torch.arange(blocks, device=q.device)
+def _broadcast_and_local(q, k, v, agents, agent_values, n_real, bs: int, scale: float, first: int) -> torch.Tensor:
+    """Each block of queries (from block ``first`` on) attends, in one softmax, to the agents of earlier blocks and
+    to its own keys up to the query: batched over blocks, keys = [nb agents, bs keys of the block]."""
+    b, h, dk = q.shape[0], q.shape[2], q.shape[3]
+    nb, dv = agents.shape[1], v.shape[-1]
+    q, k, v = (x[:, first * bs :] for x in (q, k, v))  # [B, (nb - first) * bs, H, D]
+    blocks = nb - first
+    keys = torch.cat([agents[:, None].expand(b, blocks, nb, h, dk), k.reshape(b, blocks, bs, h, dk)], dim=2)
+    values = torch.cat([agent_values[:, None].expand(b, blocks, nb, h, dv), v.reshape(b, blocks, bs, h, dv)], dim=2)
+    c = torch.arange(first, nb, device=q.device)  # the query blocks
     i = torch.arange(bs, device=q.device)
-    sees_agent = (c[None, :] < c[:, None])[:, None, :].expand(blocks, bs, blocks)  # [nb, bs, nb]: c' < c
-    local = (i[None, :] <= i[:, None]).expand(blocks, bs, bs)  # [nb, bs, bs]: j <= i in the block
+    sees_agent = (torch.arange(nb, device=q.device)[None, :] < c[:, None])[:, None, :].expand(blocks, bs, nb)
+    local = (i[None, :] <= i[:, None]).expand(blocks, bs, bs)  # [nb', bs, bs]: j <= i in the block
     if n_real is not None:  # keys beyond the real ones are not seen (a padded query sees itself: finite)
         real_key = (c[:, None] * bs + i[None, :])[None, :, None, :] < n_real[:, :, None, None]  # [B, nb, 1, bs]
         local = local[None] & (real_key | torch.eye(bs, dtype=torch.bool, device=q.device))
         sees_agent = sees_agent[None].expand(b, -1, -1, -1)
     mask = torch.cat([sees_agent, local], dim=-1)[..., None, :, :]  # [B|., nb, 1, bs, nb + bs]
-    out = _sdpa(q.view(b, blocks, bs, h, dk), keys, values, mask, scale)  # [B, nb, bs, H, Dv]
-    return out.reshape(b, tp, h, dv)
+    out = _sdpa(q.reshape(b, blocks, bs, h, dk), keys, values, mask, scale)  # [B, nb', bs, H, Dv]
+    return out.reshape(b, blocks * bs, h, dv)
 
 
 def _sdpa(q, k, v, mask, scale: float) -> torch.Tensor:

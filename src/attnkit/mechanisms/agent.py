@@ -211,9 +211,8 @@ class Agent(Mechanism):
         if x.pattern is Pattern.CAUSAL_SELF:
             cdt = compute_dtype(x.q.dtype)
             q_all = self._queries(x).to(cdt)
-            out = blocked_causal_agents(
-                q_all, x.k.to(cdt), x.v.to(cdt), x.key_padding_mask, self.options.block_size, x.scale
-            )[:, x.q_offset :]
+            k, v, bs = x.k.to(cdt), x.v.to(cdt), self.options.block_size
+            out = blocked_causal_agents(q_all, k, v, x.key_padding_mask, bs, x.scale, x.q_offset)
         else:
             out = self._pooled(x)
         return self._finish(x, out, self._dwc(x)), None
