@@ -131,8 +131,6 @@ class Linformer(Mechanism):
 def _project(proj: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     """``proj [H|1, k, T] x t [B, T, H, D] -> [B, k, H, D]``: one batched matmul per head."""
     b, n, h, d = t.shape
-    if proj.shape[0] == 1:  # shared by the heads: one [k, T] x [T, B*H*D] product
-        flat = t.permute(1, 0, 2, 3).reshape(n, b * h * d)
-        return (proj[0] @ flat).view(-1, b, h, d).permute(1, 0, 2, 3)
-    per_head = torch.einsum("hpt,bthd->bphd", proj, t)
-    return per_head
+    if proj.shape[0] == 1:  # shared by the heads: per batch row one [k, T] x [T, H*D] product, no copy of t
+        return torch.matmul(proj[0], t.reshape(b, n, h * d)).view(b, -1, h, d)
+    return torch.einsum("hpt,bthd->bphd", proj, t)

@@ -107,7 +107,8 @@ class Nystrom(Mechanism):
         # F (pinv(A) B V): the queries attend to the key landmarks with values w
         k_seen = never_empty(k_valid)[:, None, None, :]  # [B|1, 1, 1, m]
         out = sdpa(q, _repeat_heads(k_land, x.groups), w.transpose(1, 2), scale=s, mask=k_seen)  # [B, Tq, H, Dv]
-        out = torch.where(k_valid.any(-1)[:, None, None, None], out, zero)  # no key landmark: no real key: 0
+        if kpm is not None:  # a row without a real key has no key landmark: 0 (without padding every row has one)
+            out = torch.where(k_valid.any(-1)[:, None, None, None], out, zero)
         return out.to(x.q.dtype), None
 
     def flops(self, shape: Shape, pattern: Pattern) -> float:
