@@ -21,7 +21,10 @@ paper's diversity term. Choices where the paper is vague or 2-D:
 
 The ``sdpa`` path runs each softmax as a fused SDPA call over the n agents (O(T·n·D), linear in T) and the DWC
 as a grouped conv1d. Causal_self runs blocked: every block of queries attends, in one batched SDPA call, to
-the agents and its own keys. Decoding keeps a KV cache plus the past queries (``AgentCache``).
+the agents and its own keys. Decoding keeps a KV cache plus the past queries (``AgentCache``); a call
+after the cache attends only from the blocks that hold its queries, but recomputes every agent's gather over
+the cache (O(T²·D / block_size) per call). A state that also kept the completed agents' values would make a
+step O(T·D / block_size); not done yet.
 """
 
 from __future__ import annotations
