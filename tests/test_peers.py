@@ -27,9 +27,9 @@ TINY = {
     "performer-pytorch": {"num_features": 32},
     "reformer-pytorch": {"bucket_size": 8, "n_hashes": 2},
     "routing-transformer": {"window": 16},
-    "nystrom-attention": {"landmarks": 16},
+    "nystrom-attention": {"num_landmarks": 16},
     "linformer": {"proj_len": 16},
-    "agent-attention-pytorch": {"agents": 8},
+    "agent-attention-pytorch": {"num_agents": 8},
 }
 FLEX = ("flex-attention", "flex-attention-window")
 

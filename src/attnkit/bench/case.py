@@ -23,6 +23,7 @@ BACKWARD_FLOP_FACTOR = 3.5  # forward + backward = 3.5 x forward (FlashAttention
 BENCH_OPTIONS: dict[str, dict[str, Any]] = {
     "sliding_window": {"window": 256},
     "cosformer": {"max_len": 131072},  # positions must stay below max_len: room for the GPU preset's lengths
+    "linformer": {"max_len": 32768},  # E, F must span the longest speed case (the GPU preset's 32K)
 }
 
 

@@ -21,8 +21,8 @@ is set up to compute the same thing where that is possible:
 
 FLOPs count forward multiply-adds x2 (the worker's x3.5 for forward+backward): exact peers use the
 counterpart's count of visible (query, key) pairs; approximations a rough count of their own matmuls,
-module-level ones with their projections. Options of counterparts not yet in attnkit (performer,
-nystrom, ...) are provisional names: align them with the mechanisms when those land.
+module-level ones with their projections. Options of counterparts not yet in attnkit are provisional
+names: align them with the mechanisms when those land.
 """
 
 from __future__ import annotations
@@ -238,7 +238,7 @@ def _nystrom_build(case: Case, q, k, v, grad: bool) -> Forward:
         dim=case.heads * case.head_dim,
         dim_head=case.head_dim,
         heads=case.heads,
-        num_landmarks=_opt(case, "landmarks"),
+        num_landmarks=_opt(case, "num_landmarks"),
         pinv_iterations=6,
         residual=False,
     )
@@ -247,7 +247,7 @@ def _nystrom_build(case: Case, q, k, v, grad: bool) -> Forward:
 
 
 def _nystrom_flops(case: Case) -> float:
-    mm, t, d, dim = _opt(case, "landmarks"), case.tk, case.head_dim, case.heads * case.head_dim
+    mm, t, d, dim = _opt(case, "num_landmarks"), case.tk, case.head_dim, case.heads * case.head_dim
     t = -(-t // mm) * mm  # padded to a multiple of the landmark count
     core = 2.0 * (4 * t * mm * d + mm * mm * d + t * mm * mm + 6 * 4 * mm**3)  # 3 sims, 6-step pinv, 3 products
     return _bh(case) * core + 2.0 * case.batch * t * dim * 4 * dim  # + qkv and output projections
@@ -286,7 +286,7 @@ def _agent_build(case: Case, q, k, v, grad: bool) -> Forward:
 
     m = AgentSelfAttention(
         case.heads * case.head_dim,
-        num_agent_tokens=_opt(case, "agents"),
+        num_agent_tokens=_opt(case, "num_agents"),
         dim_head=case.head_dim,
         heads=case.heads,
         talking_heads=False,
@@ -297,7 +297,7 @@ def _agent_build(case: Case, q, k, v, grad: bool) -> Forward:
 
 
 def _agent_flops(case: Case) -> float:
-    a, t, dim = _opt(case, "agents"), case.tk, case.heads * case.head_dim
+    a, t, dim = _opt(case, "num_agents"), case.tk, case.heads * case.head_dim
     return 2.0 * _bh(case) * 4 * t * a * case.head_dim + 2.0 * case.batch * t * dim * 4 * dim
 
 
@@ -377,7 +377,7 @@ PEERS: dict[str, PeerSpec] = {
         MODULE,
         _nystrom_build,
         _nystrom_flops,
-        {"landmarks": 64},
+        {"num_landmarks": 64},
         check=_nystrom_check,
     ),
     "linformer": PeerSpec(
@@ -398,6 +398,6 @@ PEERS: dict[str, PeerSpec] = {
         MODULE,
         _agent_build,
         _agent_flops,
-        {"agents": 64},
+        {"num_agents": 64},
     ),
 }
