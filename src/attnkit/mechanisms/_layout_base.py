@@ -6,10 +6,17 @@ tiles from their position spans (:meth:`tile_rule`) plus how tokens are laid out
 (:meth:`tiling`). The reference turns the predicate into a dense mask; the ``blocked`` path turns the
 rule into a block layout (cached per lengths, offset, heads and device) and runs
 ``ops.block_layout.block_sparse_attention`` over it. Both compute softmax under exactly that mask.
+
+Positions count real tokens. The masks are not translation invariant (blocks, residues, a band in cross
+patterns), so padding must not move them: with a key padding mask, each batch row's padded tokens are
+removed before attending (keys; in self patterns the queries at padded positions too, whose output is
+zero: a padded position is no token), and positions are ranks among the row's real tokens (a KV cache
+keeps the mask, so chunked calls rank alike). Both paths do this, one batch row at a time.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -66,8 +73,9 @@ class LayoutAttention(Mechanism):
     # ---- paths --------------------------------------------------------------------------------------
 
     def reference(self, x: AttentionInputs):
-        # softmax over the keys the predicate, the pattern and the padding allow, as a dense [B, H, Tq, Tk] mask
-        return dense_softmax_attention(x, self.mask_predicate(x.pattern, x.tk)), None
+        # softmax over the keys the predicate and the pattern allow, as a dense [B, H, Tq, Tk] mask
+        dense = lambda y: dense_softmax_attention(y, self.mask_predicate(y.pattern, y.tk))  # noqa: E731
+        return over_real_tokens(x, dense), None
 
     def tiled_layout(self, x: AttentionInputs) -> tuple[Tiling, TileLayout]:
         """The call's tiling and block layout (cached: a decoding step's offset makes a new, small one)."""
@@ -82,18 +90,12 @@ class LayoutAttention(Mechanism):
 
     @fast_path("blocked", priority=10)
     def blocked(self, x: AttentionInputs):
+        return over_real_tokens(x, self._blocked_unpadded), None
+
+    def _blocked_unpadded(self, x: AttentionInputs) -> torch.Tensor:
         tiling, layout = self.tiled_layout(x)
-        out = block_sparse_attention(
-            x.q,
-            x.k,
-            x.v,
-            tiling=tiling,
-            layout=layout,
-            pred=self.mask_predicate(x.pattern, x.tk),
-            scale=x.scale,
-            key_padding_mask=x.key_padding_mask,
-        )
-        return out, None
+        pred = self.mask_predicate(x.pattern, x.tk)
+        return block_sparse_attention(x.q, x.k, x.v, tiling=tiling, layout=layout, pred=pred, scale=x.scale)
 
     # ---- cost ---------------------------------------------------------------------------------------
 
@@ -106,3 +108,31 @@ class LayoutAttention(Mechanism):
 
     def flops(self, shape: Shape, pattern: Pattern) -> float:
         return 2.0 * shape.batch * self.visible_pairs(shape, pattern) * (shape.dk + shape.dv)
+
+
+def over_real_tokens(x: AttentionInputs, attend: Callable[[AttentionInputs], torch.Tensor]) -> torch.Tensor:
+    """``attend(x)`` with positions counted over real tokens: without padding, ``attend(x)`` itself; with a key
+    padding mask, per batch row, ``attend`` on the row's real keys (and, in self patterns, the queries at
+    real positions, the first at the rank of its position), scattered back; other query rows are zero."""
+    kpm = x.key_padding_mask
+    if kpm is None:
+        return attend(x)
+    out = x.q.new_zeros(x.batch, x.tq, x.heads, x.v.shape[-1])  # [B, Tq, Hq, Dv]
+    for b in range(x.batch):
+        keys = torch.nonzero(kpm[b]).view(-1)  # real keys, in order: their rank is their position
+        if x.pattern.is_self:
+            rows = torch.nonzero(kpm[b, x.q_offset :]).view(-1)  # queries at real positions
+            offset = int(kpm[b, : x.q_offset].sum())  # real tokens before this call (a KV cache's)
+        else:
+            rows, offset = torch.arange(x.tq, device=kpm.device), 0
+        if keys.numel() == 0 or rows.numel() == 0:
+            continue  # nothing to see: zeros
+        row = x.replace(
+            q=x.q[b : b + 1, rows],
+            k=x.k[b : b + 1, keys],
+            v=x.v[b : b + 1, keys],
+            key_padding_mask=None,
+            q_offset=offset,
+        )
+        out[b, rows] = attend(row)[0]
+    return out

@@ -74,7 +74,7 @@ def identity_tiling(tq: int, tk: int, block: int, q_offset: int, device=None) ->
     nk = -(-tk // block)
     cols = torch.arange(nk * block, device=device)
     kv_src = torch.where(cols < tk, cols, -1)
-    return Tiling(block, q_src, kv_src, q_offset - lead)
+    return Tiling(block, q_src, kv_src, q_offset)
 
 
 def residue_tiling(tq: int, tk: int, block: int, q_offset: int, modulus: int, device=None) -> Tiling:
@@ -196,13 +196,14 @@ class LayoutCache:
 
 
 def _tiles(t: torch.Tensor, src: torch.Tensor, block: int) -> torch.Tensor:
-    """``t [B, T, H, D]`` -> ``[B, H, n + 1, block, D]`` in tile order; fillers and the extra sentinel tile
-    (index n) are zero rows, selected (never multiplied) so that nothing non-finite can pass."""
+    """``t [B, T, H, D]`` -> ``[B, H * (n + 1), block * D]`` (contiguous): the tiles of each head in tile order,
+    then an all-zero sentinel tile (index n). Filler slots are zero rows, selected (never multiplied)."""
     b, _, h, d = t.shape
     padded = F.pad(t, (0, 0, 0, 0, 0, 1))  # row T is zero
     idx = torch.where(src >= 0, src, t.shape[1])
     idx = torch.cat([idx, idx.new_full((block,), t.shape[1])])  # the sentinel tile
-    return padded[:, idx].view(b, -1, block, h, d).permute(0, 3, 1, 2, 4)
+    tiles = padded[:, idx].view(b, -1, block, h, d).permute(0, 3, 1, 2, 4)  # [B, H, n+1, block, D]
+    return tiles.reshape(b, -1, block * d)
 
 
 def _key_valid(tiling: Tiling, key_padding_mask: torch.Tensor | None) -> torch.Tensor:
@@ -217,19 +218,16 @@ def _key_valid(tiling: Tiling, key_padding_mask: torch.Tensor | None) -> torch.T
 
 
 def _chunks(layout: TileLayout, block: int, heads: int, dim: int, batch: int) -> list[tuple[torch.Tensor, int]]:
-    """(query tile ids, slots S) to process together: tiles bucketed by visited tiles (next power of two,
-    so the padded work is under twice the real), each bucket cut to the gather budget."""
-    count = layout.kv_count.amax(0)  # [nq]: the most any head visits
-    cap = torch.where(count > 0, 2 ** torch.ceil(torch.log2(count.clamp(min=1).double())).long(), 0)
-    width = layout.kv_index.shape[-1]
+    """(query tile ids, slots S) to process together: tiles grouped by how many key tiles they visit (the most
+    over heads), so no slot is padding where the heads agree, each group cut to the gather budget."""
+    count = layout.kv_count.amax(0)  # [nq]
     out = []
-    for c in torch.unique(cap).tolist():
+    for c in torch.unique(count).tolist():
         if c == 0:
             continue  # tiles that see nothing stay zero
-        tiles = torch.nonzero(cap == c).view(-1)
-        slots = min(c, width)
-        per_chunk = max(1, GATHER_BUDGET // (batch * heads * slots * block * dim))
-        out.extend((tiles[i : i + per_chunk], slots) for i in range(0, tiles.numel(), per_chunk))
+        tiles = torch.nonzero(count == c).view(-1)
+        per_chunk = max(1, GATHER_BUDGET // (batch * heads * c * block * dim))
+        out.extend((tiles[i : i + per_chunk], c) for i in range(0, tiles.numel(), per_chunk))
     return out
 
 
@@ -249,34 +247,34 @@ def block_sparse_attention(
 
     A head-dependent layout (``layout.heads == Hq``) repeats k, v to the query heads; a shared one keeps GQA.
     """
-    bsz, tq, hq, _ = q.shape
-    hkv, dv, blk = k.shape[2], v.shape[3], tiling.block
+    bsz, tq, hq, dk = q.shape
+    hkv, dv, blk, nq, nk = k.shape[2], v.shape[3], tiling.block, tiling.nq, tiling.nk
     if layout.heads > 1 and hkv != hq:
         k, v = k.repeat_interleave(hq // hkv, dim=2), v.repeat_interleave(hq // hkv, dim=2)
     hk = k.shape[2]
-    qt = _tiles(q, tiling.q_src, blk)[:, :, :-1]  # [B, Hq, nq, block, D]
-    kt, vt = _tiles(k, tiling.kv_src, blk), _tiles(v, tiling.kv_src, blk)  # [B, Hk, nk+1, block, D]
+    qt = _tiles(q, tiling.q_src, blk).view(bsz, hq, nq + 1, blk, dk)[:, :, :nq].transpose(1, 2).contiguous()
+    kt, vt = _tiles(k, tiling.kv_src, blk), _tiles(v, tiling.kv_src, blk)  # [B, Hk * (nk+1), block * D]
     valid = _key_valid(tiling, key_padding_mask)  # [B|1, nk+1, block]
     qpos, kvpos = tiling.q_positions(), tiling.kv_positions()
     kvpos = torch.cat([kvpos, kvpos.new_full((1, blk), -1)])  # [nk+1, block]
-    hsel = torch.arange(layout.heads if layout.heads > 1 else hk, device=q.device).view(-1, 1, 1)
+    hsel = torch.arange(hk, device=q.device).view(1, -1, 1)  # [1, Hk, 1]
 
-    out = q.new_zeros(bsz, hq, tiling.nq, blk, dv)
-    for tiles, slots in _chunks(layout, blk, max(hq, hk), max(q.shape[3], dv), bsz):
-        idx = layout.kv_index[:, tiles, :slots]  # [Hl, G, S]
+    out = q.new_zeros(bsz, nq, hq, blk, dv)  # [B, nq, Hq, block, Dv]: tile order
+    for tiles, slots in _chunks(layout, blk, max(hq, hk), max(dk, dv), bsz):
         g = tiles.numel()
-        kg = kt[:, hsel, idx].reshape(bsz, -1, g, slots * blk, kt.shape[-1])  # [B, Hk, G, L, D]
-        vg = vt[:, hsel, idx].reshape(bsz, -1, g, slots * blk, dv)
-        mask = valid[:, idx].reshape(valid.shape[0], -1, g, 1, slots * blk)  # [B|1, Hl, G, 1, L]
-        part = layout.partial[:, tiles, :slots]  # [Hl, G, S]
+        idx = layout.kv_index[:, tiles, :slots].transpose(0, 1)  # [G, Hl, S]
+        flat = (hsel * (nk + 1) + idx).reshape(-1)  # [G * Hk * S]: rows of kt / vt, already in SDPA order
+        kg = kt.index_select(1, flat).view(bsz * g, hk, slots * blk, dk)  # [B*G, Hk, L, D]
+        vg = vt.index_select(1, flat).view(bsz * g, hk, slots * blk, dv)
+        mask = valid[:, idx].view(valid.shape[0], g, idx.shape[1], 1, slots * blk)  # [B|1, G, Hl, 1, L]
+        part = layout.partial[:, tiles, :slots].transpose(0, 1)  # [G, Hl, S]
         if bool(part.any()):
             mask = mask & _partial_mask(pred, part, idx, qpos[tiles], kvpos, blk)
         elif bool(mask.all()):
             mask = None  # every visited key visible: the fused kernel's fastest case
-        qg = qt[:, :, tiles]  # [B, Hq, G, block, D]
-        o = _attend(qg, kg, vg, mask, scale)  # [B, Hq, G, block, Dv]
-        out[:, :, tiles] = o
-    out = out.reshape(bsz, hq, tiling.nq * blk, dv).transpose(1, 2)  # [B, nq*block, Hq, Dv] in slot order
+        qg = qt[:, tiles].view(bsz * g, hq, blk, dk)  # [B*G, Hq, block, D]
+        out[:, tiles] = _attend(qg, kg, vg, mask, scale).view(bsz, g, hq, blk, dv)
+    out = out.transpose(2, 3).reshape(bsz, nq * blk, hq, dv)  # [B, nq*block, Hq, Dv] in slot order
     slot_of_row = torch.empty(tq, dtype=torch.long, device=q.device)
     real = tiling.q_src >= 0
     slot_of_row[tiling.q_src[real]] = torch.nonzero(real).view(-1)
@@ -291,35 +289,32 @@ def _partial_mask(
     kvpos: torch.Tensor,
     blk: int,
 ) -> torch.Tensor:
-    """``[1, Hl, G, block, L]`` bool: True except inside partial tile pairs, where the predicate decides
-    (evaluated on the gathered positions of those pairs only)."""
+    """``[1, G, Hl, block, L]`` bool: True except inside partial tile pairs, where the predicate decides
+    (evaluated on the gathered positions of those pairs only). ``part``, ``idx``: ``[G, Hl, S]``."""
     if pred is None:
         raise ValueError("a layout with partial tiles needs the mask predicate")
-    hl, g, s = part.shape
-    keep = torch.ones(hl, g, s, blk, blk, dtype=torch.bool, device=part.device)  # [Hl, G, S, row, col]
-    hh, gg, ss = torch.nonzero(part, as_tuple=True)  # the partial pairs
+    g, hl, s = part.shape
+    keep = torch.ones(g, hl, s, blk, blk, dtype=torch.bool, device=part.device)  # [G, Hl, S, row, col]
+    gg, hh, ss = torch.nonzero(part, as_tuple=True)  # the partial pairs
     rows = qpos[gg][:, :, None]  # [P, block, 1]
-    cols = kvpos[idx[hh, gg, ss]][:, None, :]  # [P, 1, block]
+    cols = kvpos[idx[gg, hh, ss]][:, None, :]  # [P, 1, block]
     b = torch.zeros((), dtype=torch.long, device=part.device)
-    keep[hh, gg, ss] = torch.as_tensor(pred(b, hh.view(-1, 1, 1), rows, cols)).expand(-1, blk, blk)
-    return keep.permute(0, 1, 3, 2, 4).reshape(1, hl, g, blk, s * blk)
+    keep[gg, hh, ss] = torch.as_tensor(pred(b, hh.view(-1, 1, 1), rows, cols)).expand(-1, blk, blk)
+    return keep.permute(0, 1, 3, 2, 4).reshape(1, g, hl, blk, s * blk)
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
-    """One fused softmax per query tile: ``q [B,Hq,G,block,D]``, ``k, v [B,Hk,G,L,D]``, mask
-    ``[B|1, Hl, G, block|1, L]`` (or None) -> ``[B, Hq, G, block, Dv]``, rows seeing no key 0."""
-    bsz, hq, g, blk, d = q.shape
-    hk, length = k.shape[1], k.shape[3]
-    qf = q.transpose(1, 2).reshape(bsz * g, hq, blk, d)
-    kf = k.transpose(1, 2).reshape(bsz * g, hk, length, d)
-    vf = v.transpose(1, 2).reshape(bsz * g, hk, length, v.shape[-1])
+    """One fused softmax per query tile: ``q [N, Hq, block, D]``, ``k, v [N, Hk, L, D]`` (N = B * G), mask
+    ``[B|1, G, Hl, block|1, L]`` (or None) -> ``[N, Hq, block, Dv]``, rows seeing no key 0."""
+    n, hq, blk, _ = q.shape
     m = None
-    if mask is not None:
-        m = mask.transpose(1, 2).expand(bsz, g, mask.shape[1], blk, length).reshape(bsz * g, mask.shape[1], blk, length)
-    o = F.scaled_dot_product_attention(qf, kf, vf, attn_mask=m, scale=scale, enable_gqa=hq != hk)
+    if mask is not None:  # a mask without partial tiles is one row for the whole tile: SDPA broadcasts it
+        _, g, hl, rows, length = mask.shape
+        m = mask.expand(n // g, g, hl, rows, length).reshape(n, hl, rows, length)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=m, scale=scale, enable_gqa=hq != k.shape[1])
     if m is not None:
         o = torch.where(m.any(-1, keepdim=True), o, torch.zeros((), dtype=o.dtype, device=o.device))
-    return o.reshape(bsz, g, hq, blk, -1).transpose(1, 2)
+    return o
 
 
 def visible_pairs(pred: MaskPredicate, tiling: Tiling, layout: TileLayout) -> int:
