@@ -45,7 +45,7 @@ class DilatedOptions:
     window: int | None = None  # dilated neighbours per side (|i - j| <= window * r); None: the whole context
     heterogeneous: bool = False  # S2-Attention: head h sees keys j = h (mod r) instead of distances = 0 (mod r)
     local: int = 0  # dense band every head keeps: keys at distance < local (0: none)
-    block: int = 64  # tokens per tile of the blocked path (speed only)
+    block: int = 256  # tokens per tile of the blocked path, at most a shard's length rounded up to 8 (speed only)
 
     def __post_init__(self):
         check_int("dilated", "dilation", self.dilation, maximum=MAX_TOKENS)
@@ -116,4 +116,7 @@ class Dilated(LayoutAttention):
         return rule
 
     def tiling(self, tq: int, tk: int, q_offset: int, device) -> Tiling:
-        return residue_tiling(tq, tk, self.options.block, q_offset, self.options.dilation, device)
+        # large tiles gather each shard's keys fewer times; no larger than a shard, so short calls pad little
+        shard = -(-max(tq, tk) // self.options.dilation)
+        block = min(self.options.block, -(-shard // 8) * 8)
+        return residue_tiling(tq, tk, block, q_offset, self.options.dilation, device)
