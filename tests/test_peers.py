@@ -24,6 +24,8 @@ TINY = {
     "local-attention": {"window": 16},
     "flex-attention": {},
     "flex-attention-window": {"window": 16},
+    "flex-attention-block-sparse": {"block": 8, "global_blocks": 1, "window_blocks": 1, "random_blocks": 2},
+    "flex-attention-dilated": {"dilation": 3, "heterogeneous": True, "local": 2, "block": 8},
     "performer-pytorch": {"num_features": 32},
     "reformer-pytorch": {"bucket_size": 8, "n_hashes": 2},
     "routing-transformer": {"window": 16},
@@ -31,7 +33,7 @@ TINY = {
     "linformer": {"proj_len": 16},
     "agent-attention-pytorch": {"num_agents": 8},
 }
-FLEX = ("flex-attention", "flex-attention-window")
+FLEX = ("flex-attention", "flex-attention-window", "flex-attention-block-sparse", "flex-attention-dilated")
 
 
 def need(name: str) -> None:
@@ -106,13 +108,15 @@ def test_flex_matches_attnkit():
         ("flex-attention", "causal_self", "softmax", {}),
         ("flex-attention", "noncausal_cross", "softmax", {}),
         ("flex-attention-window", "noncausal_self", "sliding_window", {"window": 16}),
+        ("flex-attention-block-sparse", "causal_self", "block_sparse", TINY["flex-attention-block-sparse"]),
+        ("flex-attention-dilated", "causal_self", "dilated", TINY["flex-attention-dilated"]),
     ]
     for name, pattern, mech, options in checks:
         case = tiny_case(name, pattern, **options)
         fn, flops, (q, k, v) = run(case)
         out = fn().transpose(1, 2)
         assert torch.isfinite(out).all() and flops > 0
-        ref = attnkit.attend(q, k, v, mech, pattern=pattern, **options)
+        ref = attnkit.attend(q, k, v, mech, pattern=pattern, **case.options)
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 

@@ -22,6 +22,7 @@ BACKWARD_FLOP_FACTOR = 3.5  # forward + backward = 3.5 x forward (FlashAttention
 # options the sweep gives mechanisms (defaults otherwise): the values a reader expects in a comparison
 BENCH_OPTIONS: dict[str, dict[str, Any]] = {
     "sliding_window": {"window": 256},
+    "block_sparse": {"seed": 0},  # a fixed draw of random blocks, the same in its FlexAttention peer
     "cosformer": {"max_len": 131072},  # positions must stay below max_len: room for the GPU preset's lengths
     "linformer": {"max_len": 32768},  # E, F must span the longest speed case (the GPU preset's 32K)
 }

@@ -7,8 +7,10 @@ is set up to compute the same thing where that is possible:
   ``exact_windowsize=True`` (it keeps ``|i-j| <= window_size``), ``look_backward=1``, ``look_forward=0|1``,
   ``autopad=True``, plus a key mask in noncausal mode to hide autopad's zero keys. Its usual setting
   (``window_size=W``, not exact) sees whole blocks instead: W to 2W keys (noncausal up to 3W).
-- ``flex-attention`` (softmax) / ``flex-attention-window`` (sliding_window): exact, with attnkit's own
-  mask predicates. On CPU it runs only compiled, forward only; it is compiled while being built.
+- ``flex-attention`` (softmax) / ``flex-attention-window`` (sliding_window) / ``flex-attention-block-sparse``
+  (block_sparse) / ``flex-attention-dilated`` (dilated): exact, with attnkit's own mask predicates (the
+  mechanism's ``mask_predicate``, random-block draw captured as a tensor; a fixed seed so both draw alike).
+  On CPU it runs only compiled, forward only; it is compiled while being built.
 - ``performer-pytorch``: ``FastAttention`` (FAVOR+); causal without the CUDA extension is the package's
   chunked prefix-sum fallback. Its key stabiliser is a max over all keys, also when causal (cancels).
 - ``reformer-pytorch``: ``LSHAttention`` is shared-QK (keys = normalised queries, ``k`` unused; a token
@@ -125,13 +127,18 @@ def _window_check(case: Case) -> str | None:
 def _flex_build(case: Case, q, k, v, grad: bool) -> Forward:
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+    heads = None  # the predicate does not read the head
     if case.mechanism == "sliding_window":
         pred = window(_opt(case, "window"), causal=case.pattern == CS)
+    elif case.mechanism in _FLEX_LAYOUTS:
+        mech = create(case.mechanism, heads=case.heads, head_dim=case.head_dim, **case.options)
+        pred = mech.mask_predicate(case.pattern, case.tk)  # causality included where the pattern has it
+        heads = case.heads if mech.head_dependent() else None
     else:
         pred = causal if case.pattern == CS else None  # causal_cross restricts no key for softmax
     block_mask = None
     if pred is not None:
-        block_mask = create_block_mask(pred, B=None, H=None, Q_LEN=case.tq, KV_LEN=case.tk, device=q.device)
+        block_mask = create_block_mask(pred, B=None, H=heads, Q_LEN=case.tq, KV_LEN=case.tk, device=q.device)
     # no eager fallback: uncompiled flex_attention materialises the scores, which is not what we time
     compiled = torch.compile(flex_attention, dynamic=False, fullgraph=True)
     qh, kh, vh = (_bhtd(t, grad) for t in (q, k, v))
@@ -302,6 +309,9 @@ def _agent_flops(case: Case) -> float:
 
 
 _WINDOW = dict(BENCH_OPTIONS.get("sliding_window", {"window": 256}))
+_FLEX_LAYOUTS = ("block_sparse", "dilated")  # mechanisms whose FlexAttention peer takes their mask_predicate
+_BLOCK_SPARSE = dict(BENCH_OPTIONS.get("block_sparse", {"seed": 0}))
+_DILATED = dict(BENCH_OPTIONS.get("dilated", {}))
 PEERS: dict[str, PeerSpec] = {
     "local-attention": PeerSpec(
         "local-attention",
@@ -336,6 +346,28 @@ PEERS: dict[str, PeerSpec] = {
         _WINDOW,
         cpu_fwd_only=True,
         check=_window_check,
+    ),
+    "flex-attention-block-sparse": PeerSpec(
+        "torch",
+        "torch.nn.attention.flex_attention",
+        "block_sparse",
+        frozenset({NS, CS, NC, CC}),
+        KERNEL,
+        _flex_build,
+        _counterpart_flops,
+        _BLOCK_SPARSE,
+        cpu_fwd_only=True,
+    ),
+    "flex-attention-dilated": PeerSpec(
+        "torch",
+        "torch.nn.attention.flex_attention",
+        "dilated",
+        frozenset({NS, CS}),
+        KERNEL,
+        _flex_build,
+        _counterpart_flops,
+        _DILATED,
+        cpu_fwd_only=True,
     ),
     # FAVOR+ is query-independent without causal masking, so causal_cross is noncausal_cross's computation
     "performer-pytorch": PeerSpec(
