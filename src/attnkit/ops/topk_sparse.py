@@ -53,12 +53,14 @@ def select_top(keys: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return idx, top != NEVER
 
 
-def first_occurrence(idx: torch.Tensor) -> torch.Tensor:
-    """Bool, same shape: True where a slot's index did not occur in an earlier slot of its row."""
+def first_valid_occurrence(idx: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """``valid`` without repeats: True where a valid slot's index occurs in no earlier valid slot of its row."""
+    spare = -1 - torch.arange(idx.shape[-1], device=idx.device)  # distinct negatives for invalid slots
+    idx = torch.where(valid, idx, spare)
     srt, perm = torch.sort(idx, dim=-1, stable=True)
     first = torch.ones_like(srt, dtype=torch.bool)
     first[..., 1:] = srt[..., 1:] != srt[..., :-1]
-    return torch.empty_like(first).scatter_(-1, perm, first)
+    return valid & torch.empty_like(first).scatter_(-1, perm, first)
 
 
 # ---- rank coordinates (blocks counted over real keys) ------------------------------------------------------
@@ -157,14 +159,17 @@ def shared_candidate_attention(
 
     q ``[B, Tq, Hq, Dk]``, k, v ``[B, Tk, Hkv, D]``; ``cand [B, Hq, nQ, C]`` key indices for query block n
     (queries ``[n*query_block, (n+1)*query_block)``); ``allowed [B|1, Hq|1, nQ, query_block|1, C]`` which of them
-    each query may use; ``bias [B, Hq, nQ, C]`` added to the scores (differentiable). Out-of-range and
-    repeated candidates are never used. Returns ``[B, Tq, Hq, Dv]`` in q's dtype.
+    each query may use; ``bias [B, Hq, nQ, C]`` added to the scores (differentiable). Out-of-range candidates are never
+    used, and a repeated one only through its first occurrence. Returns ``[B, Tq, Hq, Dv]`` in q's dtype.
     """
     cdt = compute_dtype(q.dtype)
     b, tq, h, d = q.shape
     tk, nq, c = k.shape[1], cand.shape[2], cand.shape[3]
     groups = h // k.shape[2]
-    allowed = allowed & ((cand >= 0) & (cand < tk) & first_occurrence(cand))[..., None, :]
+    in_range = (cand >= 0) & (cand < tk)
+    allowed = allowed & in_range[..., None, :]
+    # a candidate allowed for some query of the block counts once (a repeat is never used)
+    allowed = allowed & first_valid_occurrence(cand, in_range)[..., None, :]
     safe = cand.clamp(0, tk - 1).reshape(b, h, nq * c, 1)
     qb = torch.nn.functional.pad(q.to(cdt).transpose(1, 2), (0, 0, 0, nq * query_block - tq))
     qb = qb.reshape(b, h, nq, query_block, d)  # [B, H, nQ, bq, Dk]
@@ -219,7 +224,7 @@ def routed_block_attention(
         return t.reshape(bh * nb, bs, t.shape[-1])
 
     kb, vb = key_blocks(k), key_blocks(v)
-    valid = valid & (blocks >= 0) & (blocks < nb) & first_occurrence(blocks)
+    valid = first_valid_occurrence(blocks, valid & (blocks >= 0) & (blocks < nb))
     gid = torch.arange(bh, device=q.device).view(b, h, 1, 1) * nb + blocks.clamp(0, nb - 1)  # global block id
     pair = valid.reshape(-1).nonzero().squeeze(1)  # flat (b, h, t, slot) of each valid pair
     g, order = torch.sort(gid.reshape(-1)[pair], stable=True)
@@ -255,7 +260,7 @@ def routed_block_attention(
     top = torch.where(seen, top, torch.zeros_like(top))
     e = torch.where(ok, torch.exp(torch.where(ok, scores, top) - top), torch.zeros_like(scores))
     part_sum = e.sum(-1).reshape(-1)[slot]  # [P]
-    part_out = torch.bmm(e, vb[tile_g]).reshape(n_tiles * tile_rows, -1)[slot]  # [P, Dv]
+    part_out = torch.bmm(e, vb[tile_g]).reshape(n_tiles * tile_rows, vb.shape[-1])[slot]  # [P, Dv]
     part_top = torch.where(seen, top, torch.full_like(top, float("-inf"))).reshape(-1)[slot]
 
     # merge a query's pairs: weights exp(top_pair - top_query)
