@@ -26,7 +26,7 @@ TINY = {
     "flex-attention-window": {"window": 16},
     "performer-pytorch": {"num_features": 32},
     "reformer-pytorch": {"bucket_size": 8, "n_hashes": 2},
-    "routing-transformer": {"window": 16},
+    "routing-transformer": {"num_clusters": 4},
     "nystrom-attention": {"landmarks": 16},
     "linformer": {"proj_len": 16},
     "agent-attention-pytorch": {"agents": 8},

@@ -23,6 +23,7 @@ BACKWARD_FLOP_FACTOR = 3.5  # forward + backward = 3.5 x forward (FlashAttention
 BENCH_OPTIONS: dict[str, dict[str, Any]] = {
     "sliding_window": {"window": 256},
     "cosformer": {"max_len": 131072},  # positions must stay below max_len: room for the GPU preset's lengths
+    "reformer": {"n_buckets": 128, "n_hashes": 4},  # reformer-pytorch's bucket_size 64 at T = 8192
 }
 
 
