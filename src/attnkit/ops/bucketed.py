@@ -21,6 +21,8 @@ never ``[T, T]`` unless one group holds everything; work: the sum over groups of
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ..patterns import MaskPredicate
@@ -74,7 +76,84 @@ def _slot_table(slot: torch.Tensor, values: torch.Tensor, size: int, empty) -> t
     return table
 
 
-def bucketed_attention(
+@dataclass(frozen=True)
+class PairFeatures:
+    """Kernel features whose products a caller wants on the same support (Scatterbrain subtracts its low-rank
+    estimate there): ``q [B, Tq, Hq, F]`` (scaled by ``exp(-q_log_scale)`` per query), ``k [B, Tk, Hkv, F]``,
+    ``q_log_scale [B, Tq, Hq]``, so that the estimate of pair (i, j) is ``q_i . k_j * exp(q_log_scale_i)``."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    q_log_scale: torch.Tensor
+
+
+@dataclass(frozen=True)
+class RoundPartials:
+    """Per round and query (``[R, B, Hq, Tq]``, numerators ``[..., Dv]``), all relative to ``exp(row_max)``:
+    ``den = sum_j exp(s_ij)``, ``num = sum_j exp(s_ij) v_j`` over the pairs the round counts, and with features
+    ``feature_den``, ``feature_num``, the same sums of the features' estimate. ``row_max`` is -inf (and the sums
+    0) where the round gives the query no key; it carries no gradient (it cancels)."""
+
+    row_max: torch.Tensor
+    den: torch.Tensor
+    num: torch.Tensor
+    feature_den: torch.Tensor | None = None
+    feature_num: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Where each token goes: its padded slot per round (``[R*B*Hq*T]``, -1: its group meets nobody), the
+    number of slots, and the tiles ``(round, query blocks, key blocks, groups)`` in layout order."""
+
+    q_slot: torch.Tensor
+    k_slot: torch.Tensor
+    n_q_slots: int
+    n_k_slots: int
+    tiles: list[tuple[int, int, int, int]]
+
+
+def _lay_out(q_groups: torch.Tensor, k_groups: torch.Tensor, n_groups: int, block: int) -> _Layout:
+    """Composite groups (round, batch, head, group), sorted by class (round, query blocks, key blocks) so that
+    the groups of one class are contiguous tiles of equal size."""
+    b, hq, rounds, _ = q_groups.shape
+    device = q_groups.device
+    g_all = n_groups + 1  # group n_groups holds padded keys: no query is in it
+    stream = torch.arange(rounds * b * hq, device=device).view(rounds, b, hq, 1)  # [R, B, Hq, 1]
+    q_comp = (stream * g_all + q_groups.permute(2, 0, 1, 3)).reshape(-1)  # [R*B*Hq*Tq]
+    k_comp = (stream * g_all + k_groups.permute(2, 0, 1, 3)).reshape(-1)  # [R*B*Hq*Tk]
+    n_comp = rounds * b * hq * g_all
+    q_count = torch.bincount(q_comp, minlength=n_comp)
+    k_count = torch.bincount(k_comp, minlength=n_comp)
+    active = (q_count > 0) & (k_count > 0)  # groups where some query meets some key
+    nbq = torch.where(active, torch.div(q_count + block - 1, block, rounding_mode="floor"), 0)
+    nbk = torch.where(active, torch.div(k_count + block - 1, block, rounding_mode="floor"), 0)
+    group_round = torch.arange(n_comp, device=device) // (g_all * b * hq)
+    klass = (group_round * (int(nbq.max()) + 1) + nbq) * (int(nbk.max()) + 1) + nbk
+    group_order = torch.sort(klass, stable=True).indices
+    ordered = group_order[active[group_order]]  # active groups in layout order
+    _, sizes = torch.unique_consecutive(klass[ordered], return_counts=True)
+    first = ordered[torch.cumsum(sizes, 0) - sizes]  # first group of each class
+    tiles = list(
+        zip(group_round[first].tolist(), nbq[first].tolist(), nbk[first].tolist(), sizes.tolist(), strict=True)
+    )
+    return _Layout(
+        _token_slots(q_comp, q_count, _group_starts(nbq, group_order), active, block),
+        _token_slots(k_comp, k_count, _group_starts(nbk, group_order), active, block),
+        int(nbq.sum()) * block,
+        int(nbk.sum()) * block,
+        tiles,
+    )
+
+
+def _gather_rows(t: torch.Tensor, table: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Rows ``table`` of ``t`` viewed as ``[rows, last dim]`` (-1, an empty slot, reads row 0), in ``dtype``.
+
+    index_select: twice as fast as advanced indexing for row gathers on CPU."""
+    return t.reshape(-1, t.shape[-1]).index_select(0, table.clamp_min(0)).to(dtype)
+
+
+def bucketed_partials(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -87,67 +166,44 @@ def bucketed_attention(
     q_offset: int = 0,
     key_padding_mask: torch.Tensor | None = None,
     block: int = DEFAULT_BLOCK,
-) -> torch.Tensor:
-    """``q [B,Tq,Hq,D], k [B,Tk,Hkv,D], v [B,Tk,Hkv,Dv] -> [B,Tq,Hq,Dv]`` (rows seeing no key are 0).
+    features: PairFeatures | None = None,
+) -> RoundPartials:
+    """Per round, each query's softmax sums over the keys that share its group (see :class:`RoundPartials`).
 
-    ``q_groups [B, Hq, R, Tq]``, ``k_groups [B, Hq, R, Tk]`` in ``[0, n_groups)``, per query head (GQA: query
-    head h reads kv head h // (Hq / Hkv))."""
+    ``q [B,Tq,Hq,D], k [B,Tk,Hkv,D], v [B,Tk,Hkv,Dv]``; ``q_groups [B, Hq, R, Tq]``, ``k_groups [B, Hq, R, Tk]``
+    in ``[0, n_groups)``, per query head (GQA: query head h reads kv head h // (Hq / Hkv))."""
     b, tq, hq, d = q.shape
     tk, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
     rounds, device, cdt = q_groups.shape[2], q.device, compute_dtype(q.dtype)
-    g_all = n_groups + 1  # one more group for padded keys: no query is in it, so they meet nobody
-
-    # ---- composite group of every token, streams ordered (round, batch, head) ----
-    stream = (torch.arange(rounds, device=device).view(-1, 1, 1) * (b * hq)) + torch.arange(b * hq, device=device).view(
-        1, b, hq
-    )  # [R, B, Hq]
     kg = k_groups if key_padding_mask is None else torch.where(key_padding_mask[:, None, None, :], k_groups, n_groups)
-    q_comp = (stream[..., None] * g_all + q_groups.permute(2, 0, 1, 3)).reshape(-1)  # [R*B*Hq*Tq]
-    k_comp = (stream[..., None] * g_all + kg.permute(2, 0, 1, 3)).reshape(-1)  # [R*B*Hq*Tk]
-    n_comp = rounds * b * hq * g_all
+    lay = _lay_out(q_groups, kg, n_groups, block)
 
-    # ---- groups with queries and keys, laid out by class (round, query blocks, key blocks) ----
-    q_count = torch.bincount(q_comp, minlength=n_comp)
-    k_count = torch.bincount(k_comp, minlength=n_comp)
-    active = (q_count > 0) & (k_count > 0)
-    nbq = torch.where(active, torch.div(q_count + block - 1, block, rounding_mode="floor"), 0)
-    nbk = torch.where(active, torch.div(k_count + block - 1, block, rounding_mode="floor"), 0)
-    group_round = torch.arange(n_comp, device=device) // (g_all * b * hq)
-    height, width = int(nbq.max()) + 1, int(nbk.max()) + 1
-    klass = (group_round * height + nbq) * width + nbk
-    group_order = torch.sort(klass, stable=True).indices
-    q_slot = _token_slots(q_comp, q_count, _group_starts(nbq, group_order), active, block)  # [R*B*Hq*Tq]
-    k_slot = _token_slots(k_comp, k_count, _group_starts(nbk, group_order), active, block)
-    n_qs, n_ks = int(nbq.sum()) * block, int(nbk.sum()) * block
-
-    # ---- per slot: source rows (a zero row for empty slots), positions, group ids of every round ----
+    # ---- per slot: source rows, positions, group ids of every round ----
     tq_ar, tk_ar = torch.arange(tq, device=device), torch.arange(tk, device=device)
     bb, hh = torch.arange(b, device=device).view(b, 1, 1), torch.arange(hq, device=device).view(1, hq, 1)
     q_rows = ((bb * tq + tq_ar) * hq + hh).expand(rounds, b, hq, tq).reshape(-1)  # row of q in [B*Tq*Hq]
     k_rows = ((bb * tk + tk_ar) * hkv + hh // (hq // hkv)).expand(rounds, b, hq, tk).reshape(-1)
-    # index_select (twice as fast as advanced indexing for row gathers on CPU); empty slots read row 0: their
-    # queries go nowhere and their keys get a -inf bias
-    q_row_table = _slot_table(q_slot, q_rows, n_qs, -1)
-    k_row_table = _slot_table(k_slot, k_rows, n_ks, -1)
-    q_blocks = q.reshape(-1, d).index_select(0, q_row_table.clamp_min(0)).to(cdt)  # [NQS, D]
-    k_blocks = k.reshape(-1, d).index_select(0, k_row_table.clamp_min(0)).to(cdt)  # [NKS, D]
-    v_blocks = v.reshape(-1, dv).index_select(0, k_row_table.clamp_min(0)).to(cdt)  # [NKS, Dv]
-    k_bias = torch.where(k_row_table < 0, float("-inf"), 0.0).to(cdt)  # [NKS]
-    q_pos = _slot_table(q_slot, tq_ar.repeat(rounds * b * hq), n_qs, -1)
-    k_pos = _slot_table(k_slot, tk_ar.repeat(rounds * b * hq), n_ks, tk + tq + q_offset)
-    q_ids = _round_ids(q_groups, q_slot, n_qs, -1)  # [R, NQS]
-    k_ids = _round_ids(k_groups, k_slot, n_ks, -2)
+    q_table = _slot_table(lay.q_slot, q_rows, lay.n_q_slots, -1)
+    k_table = _slot_table(lay.k_slot, k_rows, lay.n_k_slots, -1)
+    q_blocks, k_blocks, v_blocks = (
+        _gather_rows(q, q_table, cdt),
+        _gather_rows(k, k_table, cdt),
+        _gather_rows(v, k_table, cdt),
+    )
+    k_empty = k_table < 0  # [NKS] slots of no key: their queries get a -inf bias
+    k_bias = torch.where(k_empty, float("-inf"), 0.0).to(cdt)
+    q_pos = _slot_table(lay.q_slot, tq_ar.repeat(rounds * b * hq), lay.n_q_slots, -1)
+    k_pos = _slot_table(lay.k_slot, tk_ar.repeat(rounds * b * hq), lay.n_k_slots, tk + tq + q_offset)
+    q_ids = _round_ids(q_groups, lay.q_slot, lay.n_q_slots, -1)  # [R, NQS]
+    k_ids = _round_ids(k_groups, lay.k_slot, lay.n_k_slots, -2)
+    if features is not None:
+        fq, fk = _gather_rows(features.q, q_table, cdt), _gather_rows(features.k, k_table, cdt)  # [NQS, F], [NKS, F]
+        log_scale = _gather_rows(features.q_log_scale[..., None], q_table, cdt)[:, 0]  # [NQS]
 
     # ---- one batched score tile per group, class by class ----
-    og = group_order[active[group_order]]  # active groups in layout order
-    _, sizes = torch.unique_consecutive(klass[og], return_counts=True)
-    first = torch.cumsum(sizes, 0) - sizes
-    tiles = zip(
-        group_round[og[first]].tolist(), nbq[og[first]].tolist(), nbk[og[first]].tolist(), sizes.tolist(), strict=True
-    )
-    maxes, dens, nums = [], [], []
+    out: dict[str, list[torch.Tensor]] = {"row_max": [], "den": [], "num": [], "feature_den": [], "feature_num": []}
     q0 = k0 = 0
-    for r, a, c, n in tiles:
+    for r, a, c, n in lay.tiles:
         qa, kc = a * block, c * block  # slots per tile
         per_chunk = max(1, CHUNK_SCORES // (qa * kc))
         for i in range(0, n, per_chunk):
@@ -168,14 +224,73 @@ def bucketed_attention(
             if hide is not None:
                 scores = scores.masked_fill_(hide, float("-inf"))
             row_max = scores.detach().amax(-1)  # [m, qa]; -inf where nothing is visible
-            probs = scores.sub_(torch.where(torch.isfinite(row_max), row_max, 0.0)[..., None]).exp_()
-            maxes.append(row_max.reshape(-1))
-            dens.append(probs.sum(-1).reshape(-1))
-            nums.append(torch.bmm(probs, v_blocks[ksl].view(m, kc, dv)).reshape(-1, dv))
+            if features is not None:  # the features' estimate is stabilised by the same row factor
+                row_max = torch.maximum(row_max, log_scale[qsl].detach().view(m, qa))
+            safe_max = torch.where(torch.isfinite(row_max), row_max, 0.0)
+            probs = scores.sub_(safe_max[..., None]).exp_()
+            vals = v_blocks[ksl].view(m, kc, dv)
+            out["row_max"].append(row_max.reshape(-1))
+            out["den"].append(probs.sum(-1).reshape(-1))
+            out["num"].append(torch.bmm(probs, vals).reshape(-1, dv))
+            if features is not None:
+                est = torch.bmm(fq[qsl].view(m, qa, -1), fk[ksl].view(m, kc, -1).transpose(1, 2))  # [m, qa, kc]
+                gone = k_empty[ksl].view(m, 1, kc) if hide is None else hide.logical_or_(k_empty[ksl].view(m, 1, kc))
+                est = est.masked_fill_(gone, 0.0) * torch.exp(log_scale[qsl].view(m, qa) - safe_max)[..., None]
+                out["feature_den"].append(est.sum(-1).reshape(-1))
+                out["feature_num"].append(torch.bmm(est, vals).reshape(-1, dv))
         q0, k0 = q0 + n * qa, k0 + n * kc
-    out = _merge_rounds(q_slot, maxes, dens, nums, (rounds, b, hq, tq), dv, q_blocks)
+
+    dims = (rounds, b, hq, tq)
+    at = torch.where(lay.q_slot >= 0, lay.q_slot, lay.n_q_slots)  # [R*B*Hq*Tq]; -1: the sentinel row
+
+    def by_token(name: str, fill: float, width: tuple[int, ...] = ()) -> torch.Tensor:
+        """Slot-order pieces -> token order ``[R, B, Hq, Tq(, Dv)]`` (a sentinel row for tokens in no tile)."""
+        rows = torch.cat([*out[name], q_blocks.new_full((1, *width), fill)])
+        return rows.index_select(0, at).view(*dims, *width)
+
+    feats = (
+        (by_token("feature_den", 0.0), by_token("feature_num", 0.0, (dv,))) if features is not None else (None, None)
+    )
+    return RoundPartials(by_token("row_max", float("-inf")), by_token("den", 0.0), by_token("num", 0.0, (dv,)), *feats)
+
+
+def bucketed_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    q_groups: torch.Tensor,
+    k_groups: torch.Tensor,
+    *,
+    n_groups: int,
+    scale: float,
+    causal: bool,
+    q_offset: int = 0,
+    key_padding_mask: torch.Tensor | None = None,
+    block: int = DEFAULT_BLOCK,
+) -> torch.Tensor:
+    """``[B,Tq,Hq,Dv]``: softmax over the keys sharing a group with the query in some round (rows seeing no key
+    are 0). Arguments as :func:`bucketed_partials`."""
+    p = bucketed_partials(
+        q, k, v, q_groups, k_groups, n_groups=n_groups, scale=scale, causal=causal, q_offset=q_offset,
+        key_padding_mask=key_padding_mask, block=block,
+    )  # fmt: skip
+    weight = round_weights(p.row_max)  # [R, B, Hq, Tq]
+    den, num = (weight * p.den).sum(0), (weight[..., None] * p.num).sum(0)
+    seen = den > 0
+    out = torch.where(seen[..., None], num / torch.where(seen, den, 1.0)[..., None], 0.0)  # [B, Hq, Tq, Dv]
     out = out + sum(t.reshape(-1)[:0].sum() for t in (q, k, v))  # an empty sum, 0: every input stays in the graph
-    return out.to(q.dtype)
+    return out.transpose(1, 2).to(q.dtype)
+
+
+def round_weights(row_max: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
+    """``exp(row_max - top)`` (0 where ``row_max`` is -inf), ``top`` the largest of ``row_max`` over rounds and
+    of ``others`` (more log-scales of the same queries), detached: the factors that put partial sums on one
+    scale."""
+    top = row_max.amax(0)
+    for extra in others:
+        top = torch.maximum(top, extra.detach())
+    top = torch.where(torch.isfinite(top), top, 0.0)
+    return torch.where(torch.isfinite(row_max), torch.exp(row_max - top), 0.0)
 
 
 def _round_ids(groups: torch.Tensor, slot: torch.Tensor, size: int, empty: int) -> torch.Tensor:
@@ -187,24 +302,3 @@ def _round_ids(groups: torch.Tensor, slot: torch.Tensor, size: int, empty: int) 
     per_token = groups.permute(2, 0, 1, 3).reshape(rounds, -1).to(small)  # [R, B*H*T]
     per_token = per_token.repeat(1, rounds)  # the token of slot order (round, b, h, t), each round's id
     return torch.stack([_slot_table(slot, per_token[r], size, empty) for r in range(rounds)])
-
-
-def _merge_rounds(q_slot, maxes, dens, nums, dims, dv: int, like: torch.Tensor) -> torch.Tensor:
-    """Each query's partial softmax per round (max, normaliser, numerator, in slot order) merged into
-    ``[B, Tq, Hq, Dv]``; a query that sees no key in any round gets 0."""
-    rounds, b, hq, tq = dims
-    n_slots = sum(x.numel() for x in maxes)
-    at = torch.where(q_slot >= 0, q_slot, n_slots)  # [R*B*Hq*Tq]; unused: the sentinel row
-    row_max = torch.cat([*maxes, like.new_full((1,), float("-inf"))]).index_select(0, at).view(dims)  # [R, B, Hq, Tq]
-    den = torch.cat([*dens, like.new_zeros(1)]).index_select(0, at).view(dims)
-    num = torch.cat([*nums, like.new_zeros(1, dv)]).index_select(0, at).view(*dims, dv)  # [R, B, Hq, Tq, Dv]
-    if rounds > 1:
-        top = row_max.amax(0)
-        top = torch.where(torch.isfinite(top), top, 0.0)
-        weight = torch.where(torch.isfinite(row_max), torch.exp(row_max - top), 0.0)  # [R, B, Hq, Tq]
-        den, num = (weight * den).sum(0), (weight[..., None] * num).sum(0)
-    else:
-        den, num = den[0], num[0]
-    seen = den > 0
-    out = torch.where(seen[..., None], num / torch.where(seen, den, 1.0)[..., None], 0.0)  # [B, Hq, Tq, Dv]
-    return out.transpose(1, 2)
