@@ -37,8 +37,7 @@ from ..errors import InvalidOption
 from ..inputs import AttentionInputs
 from ..mechanism import Complexity, Mechanism, Paper, Shape, fast_path, register_mechanism
 from ..ops.bucketed import DEFAULT_BLOCK, bucketed_attention, group_predicate
-from ..ops.gqa import repeat_kv
-from ..ops.lsh import angular_buckets, random_rotations
+from ..ops.lsh import query_key_buckets, random_rotations
 from ..ops.reference import compute_dtype, dense_softmax_attention
 from ..options import MAX_SEED, check_int
 from ..patterns import Pattern
@@ -90,11 +89,7 @@ class Reformer(SeededDraws, Mechanism):
 
     def bucket_ids(self, x: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor]:
         """Bucket of every query and key per round: ``[B, Hq, R, Tq]``, ``[B, Hq, R, Tk]`` (keys per query head)."""
-        rot = self.rotations(x.q.shape[-1], x.q.device, compute_dtype(x.q.dtype))
-        q_ids = angular_buckets(x.q, rot).permute(0, 2, 3, 1)  # [B, Tq, Hq, R] -> [B, Hq, R, Tq]
-        k_ids = angular_buckets(x.k, rot)  # [B, Tk, Hkv, R]
-        k_ids = repeat_kv(k_ids, x.groups).permute(0, 2, 3, 1)  # [B, Hq, R, Tk]
-        return q_ids, k_ids
+        return query_key_buckets(x.q, x.k, self.rotations(x.q.shape[-1], x.q.device, compute_dtype(x.q.dtype)))
 
     # ---- paths ---------------------------------------------------------------------------------------
 

@@ -234,7 +234,7 @@ def bucketed_partials(
             out["num"].append(torch.bmm(probs, vals).reshape(-1, dv))
             if features is not None:
                 est = torch.bmm(fq[qsl].view(m, qa, -1), fk[ksl].view(m, kc, -1).transpose(1, 2))  # [m, qa, kc]
-                gone = k_empty[ksl].view(m, 1, kc) if hide is None else hide.logical_or_(k_empty[ksl].view(m, 1, kc))
+                gone = k_empty[ksl].view(m, 1, kc) if hide is None else hide | k_empty[ksl].view(m, 1, kc)
                 est = est.masked_fill_(gone, 0.0) * torch.exp(log_scale[qsl].view(m, qa) - safe_max)[..., None]
                 out["feature_den"].append(est.sum(-1).reshape(-1))
                 out["feature_num"].append(torch.bmm(est, vals).reshape(-1, dv))
@@ -274,7 +274,7 @@ def bucketed_attention(
         q, k, v, q_groups, k_groups, n_groups=n_groups, scale=scale, causal=causal, q_offset=q_offset,
         key_padding_mask=key_padding_mask, block=block,
     )  # fmt: skip
-    weight = round_weights(p.row_max)  # [R, B, Hq, Tq]
+    weight = round_weights(p.row_max, common_scale(p.row_max))  # [R, B, Hq, Tq]
     den, num = (weight * p.den).sum(0), (weight[..., None] * p.num).sum(0)
     seen = den > 0
     out = torch.where(seen[..., None], num / torch.where(seen, den, 1.0)[..., None], 0.0)  # [B, Hq, Tq, Dv]
@@ -282,14 +282,17 @@ def bucketed_attention(
     return out.transpose(1, 2).to(q.dtype)
 
 
-def round_weights(row_max: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
-    """``exp(row_max - top)`` (0 where ``row_max`` is -inf), ``top`` the largest of ``row_max`` over rounds and
-    of ``others`` (more log-scales of the same queries), detached: the factors that put partial sums on one
-    scale."""
+def common_scale(row_max: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
+    """The largest of ``row_max [R, ...]`` over rounds and of ``others`` (more log-scales of the same queries),
+    detached and finite (0 where everything is -inf): the scale partial sums are put on."""
     top = row_max.amax(0)
     for extra in others:
         top = torch.maximum(top, extra.detach())
-    top = torch.where(torch.isfinite(top), top, 0.0)
+    return torch.where(torch.isfinite(top), top, 0.0)
+
+
+def round_weights(row_max: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """``exp(row_max - top)`` per round, 0 where a round gave the query nothing (``row_max`` -inf)."""
     return torch.where(torch.isfinite(row_max), torch.exp(row_max - top), 0.0)
 
 

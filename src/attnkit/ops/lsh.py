@@ -34,3 +34,12 @@ def angular_buckets(x: torch.Tensor, rotations: torch.Tensor) -> torch.Tensor:
         top, top_at = rotated.max(dim=-1)
         low, low_at = rotated.min(dim=-1)
         return torch.where(top >= -low, top_at, low_at + rotated.shape[-1])  # [..., R]
+
+
+def query_key_buckets(q: torch.Tensor, k: torch.Tensor, rotations: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Buckets of ``q [B, Tq, Hq, D]`` and ``k [B, Tk, Hkv, D]`` in the layout of ``ops.bucketed``:
+    ``[B, Hq, R, Tq]`` and ``[B, Hq, R, Tk]`` (a key's buckets repeated for each query head that reads it)."""
+    q_ids = angular_buckets(q, rotations).permute(0, 2, 3, 1)  # [B, Tq, Hq, R] -> [B, Hq, R, Tq]
+    k_ids = angular_buckets(k, rotations)  # [B, Tk, Hkv, R]
+    k_ids = k_ids.repeat_interleave(q.shape[2] // k.shape[2], dim=2).permute(0, 2, 3, 1)  # [B, Hq, R, Tk]
+    return q_ids, k_ids
