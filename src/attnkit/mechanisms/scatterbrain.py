@@ -155,7 +155,7 @@ class Scatterbrain(SeededDraws, Mechanism):
         c = torch.maximum(scores.masked_fill(~support, float("-inf")).amax(-1), log_scale).detach()  # [B, H, Tq]
         low = torch.einsum("bqhf,bkhf->bhqk", f.q, fk) * torch.exp(log_scale - c)[..., None]  # phi(q_i).phi(k_j)
         low_seen = low if visible is None else torch.where(visible, low, 0.0)
-        exact = torch.where(support, torch.exp(scores - c[..., None]), 0.0)  # exp(s_ij) on the support
+        exact = torch.exp(scores.masked_fill(~support, float("-inf")) - c[..., None])  # exp(s_ij) on the support
         overlap = torch.where(support, low, 0.0)  # the low-rank estimate there, replaced by S_ij = exact - overlap
         den = (low_seen.sum(-1) - overlap.sum(-1)).clamp_min(0.0) + exact.sum(-1)  # the safe rule, [B, H, Tq]
         num = torch.einsum("bhqk,bkhd->bhqd", low_seen - overlap + exact, v)  # [B, H, Tq, Dv]

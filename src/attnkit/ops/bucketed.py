@@ -29,7 +29,7 @@ from ..patterns import MaskPredicate
 from .reference import compute_dtype
 
 DEFAULT_BLOCK = 16  # slots per block: groups are padded to a multiple of it (less padding; tiles stay group-sized)
-CHUNK_SCORES = 1 << 22  # score entries (block pairs x block x block) computed at once
+CHUNK_SCORES = 1 << 20  # score entries (block pairs x block x block) computed at once
 
 
 def shared_group_mask(q_groups: torch.Tensor, k_groups: torch.Tensor) -> torch.Tensor:
