@@ -157,3 +157,29 @@ def test_bad_options_raise(bad):
     (name,) = bad
     with pytest.raises(InvalidOption, match=name):
         attnkit.create("routing", heads=2, head_dim=8, **bad)
+
+
+def test_the_quality_training_loop_applies_the_update_after_each_step(monkeypatch):
+    from attnkit.bench import quality
+    from attnkit.bench.case import Budget
+    from attnkit.mechanisms.routing import Routing
+
+    steps = {"after": 0}
+    real_after, real_loss = Routing.after_step, quality._loss
+
+    def counting_after_step(self):
+        steps["after"] += 1
+        assert self.routed_count.sum() > 0, "the step's forward pass routed nothing"
+        real_after(self)
+
+    def stop_after_three(task, model, batch):  # the run ends as diverged at step 3
+        loss, logits = real_loss(task, model, batch)
+        steps.setdefault("loss", 0)
+        steps["loss"] += 1
+        return (loss * float("nan") if steps["loss"] > 3 else loss), logits
+
+    monkeypatch.setattr(Routing, "after_step", counting_after_step)
+    monkeypatch.setattr(quality, "_loss", stop_after_three)
+    result = quality.QualityCase("mqar", "routing", "quick").measure(threads=1, budget=Budget())
+    assert result["status"] == "diverged"
+    assert steps["after"] >= 3 and steps["after"] % 3 == 0  # every routing layer, after each of the 3 steps
