@@ -146,6 +146,15 @@ def _lay_out(q_groups: torch.Tensor, k_groups: torch.Tensor, n_groups: int, bloc
     )
 
 
+def _block_for(block: int, mean_group: float) -> int:
+    """``block``, or a smaller power of two (at least 4) when groups are smaller on average: padding a group of
+    4 tokens to 16 slots would do 16 times the work (the layout only; the result is the same)."""
+    fit = 4
+    while fit < block and fit < mean_group:
+        fit *= 2
+    return min(block, fit)
+
+
 def _gather_rows(t: torch.Tensor, table: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Rows ``table`` of ``t`` viewed as ``[rows, last dim]`` (-1, an empty slot, reads row 0), in ``dtype``.
 
@@ -176,6 +185,7 @@ def bucketed_partials(
     tk, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
     rounds, device, cdt = q_groups.shape[2], q.device, compute_dtype(q.dtype)
     kg = k_groups if key_padding_mask is None else torch.where(key_padding_mask[:, None, None, :], k_groups, n_groups)
+    block = _block_for(block, max(tq, tk) / n_groups)
     lay = _lay_out(q_groups, kg, n_groups, block)
 
     # ---- per slot: source rows, positions, group ids of every round ----
