@@ -211,7 +211,9 @@ def bucketed_partials(
         log_scale = _gather_rows(features.q_log_scale[..., None], q_table, cdt)[:, 0]  # [NQS]
 
     # ---- one batched score tile per group, class by class ----
-    out: dict[str, list[torch.Tensor]] = {"row_max": [], "den": [], "num": [], "feature_den": [], "feature_num": []}
+    tracked = [q, k, v] + ([features.q, features.k, features.q_log_scale] if features is not None else [])
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in tracked)
+    out = _SlotOutputs(lay, (rounds, b, hq, tq), q_blocks, grad)
     q0 = k0 = 0
     for r, a, c, n in lay.tiles:
         qa, kc = a * block, c * block  # slots per tile
@@ -239,29 +241,57 @@ def bucketed_partials(
             safe_max = torch.where(torch.isfinite(row_max), row_max, 0.0)
             probs = scores.sub_(safe_max[..., None]).exp_()
             vals = v_blocks[ksl].view(m, kc, dv)
-            out["row_max"].append(row_max.reshape(-1))
-            out["den"].append(probs.sum(-1).reshape(-1))
-            out["num"].append(torch.bmm(probs, vals).reshape(-1, dv))
+            out.add("row_max", qsl, row_max.reshape(-1))
+            out.add("den", qsl, probs.sum(-1).reshape(-1))
+            out.add("num", qsl, torch.bmm(probs, vals).reshape(-1, dv))
             if features is not None:
                 est = torch.bmm(fq[qsl].view(m, qa, -1), fk[ksl].view(m, kc, -1).transpose(1, 2))  # [m, qa, kc]
                 gone = k_empty[ksl].view(m, 1, kc) if hide is None else hide | k_empty[ksl].view(m, 1, kc)
                 est = est.masked_fill_(gone, 0.0) * torch.exp(log_scale[qsl].view(m, qa) - safe_max)[..., None]
-                out["feature_den"].append(est.sum(-1).reshape(-1))
-                out["feature_num"].append(torch.bmm(est, vals).reshape(-1, dv))
+                out.add("feature_den", qsl, est.sum(-1).reshape(-1))
+                out.add("feature_num", qsl, torch.bmm(est, vals).reshape(-1, dv))
         q0, k0 = q0 + n * qa, k0 + n * kc
 
-    dims = (rounds, b, hq, tq)
-    at = torch.where(lay.q_slot >= 0, lay.q_slot, lay.n_q_slots)  # [R*B*Hq*Tq]; -1: the sentinel row
+    feats = (out.result("feature_den"), out.result("feature_num", (dv,))) if features is not None else (None, None)
+    return RoundPartials(out.result("row_max"), out.result("den"), out.result("num", (dv,)), *feats)
 
-    def by_token(name: str, fill: float, width: tuple[int, ...] = ()) -> torch.Tensor:
-        """Slot-order pieces -> token order ``[R, B, Hq, Tq(, Dv)]`` (a sentinel row for tokens in no tile)."""
-        rows = torch.cat([*out[name], q_blocks.new_full((1, *width), fill)])
-        return rows.index_select(0, at).view(*dims, *width)
 
-    feats = (
-        (by_token("feature_den", 0.0), by_token("feature_num", 0.0, (dv,))) if features is not None else (None, None)
-    )
-    return RoundPartials(by_token("row_max", float("-inf")), by_token("den", 0.0), by_token("num", 0.0, (dv,)), *feats)
+class _SlotOutputs:
+    """The tiles' results per query slot, delivered in token order ``[R, B, Hq, Tq(, Dv)]`` (tokens in no tile get
+    the fill: -inf for ``row_max``, else 0). Without autograd each chunk is written straight to its tokens; with
+    it, the chunks are joined once and gathered (in-place writes would cost a copy of the whole per chunk)."""
+
+    def __init__(self, lay: _Layout, dims: tuple[int, int, int, int], like: torch.Tensor, grad: bool):
+        self.dims, self.like, self.grad = dims, like, grad
+        self.n_tokens = dims[0] * dims[1] * dims[2] * dims[3]
+        if grad:
+            self.parts: dict[str, list[torch.Tensor]] = {}
+            self.at = torch.where(lay.q_slot >= 0, lay.q_slot, lay.n_q_slots)  # [R*B*Hq*Tq]; the sentinel row
+        else:
+            tokens = torch.arange(self.n_tokens, device=like.device)
+            self.token_of_slot = _slot_table(lay.q_slot, tokens, lay.n_q_slots, self.n_tokens)  # empty: a sink row
+            self.buffers: dict[str, torch.Tensor] = {}
+
+    @staticmethod
+    def fill(name: str) -> float:
+        return float("-inf") if name == "row_max" else 0.0
+
+    def add(self, name: str, slots: slice, values: torch.Tensor) -> None:
+        """``values [slots]`` or ``[slots, Dv]`` of the query slots ``slots``."""
+        if self.grad:
+            self.parts.setdefault(name, []).append(values)
+            return
+        if name not in self.buffers:
+            self.buffers[name] = self.like.new_full((self.n_tokens + 1, *values.shape[1:]), self.fill(name))
+        self.buffers[name].index_copy_(0, self.token_of_slot[slots], values)
+
+    def result(self, name: str, width: tuple[int, ...] = ()) -> torch.Tensor:
+        sentinel = self.like.new_full((1, *width), self.fill(name))
+        if self.grad:
+            rows = torch.cat([*self.parts.get(name, []), sentinel]).index_select(0, self.at)
+        else:
+            rows = self.buffers.get(name, sentinel.expand(self.n_tokens + 1, *width))[: self.n_tokens]
+        return rows.reshape(*self.dims, *width)
 
 
 def bucketed_attention(
