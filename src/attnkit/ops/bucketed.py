@@ -16,7 +16,8 @@ contiguous, equal-sized tiles, and one batched matmul per class (in chunks of bo
 group's full ``[queries x keys]`` scores with no gather per tile. Each query gets one partial softmax per
 round (its row max, normaliser and numerator); the rounds are merged at the end. A pair shared in several
 rounds is counted only in the first round that shares it (the union). Memory: O(T·rounds) plus one chunk,
-never ``[T, T]`` unless one group holds everything; work: the sum over groups of (queries x keys), padded.
+never ``[T, T]`` unless one group holds everything; work: the sum over groups of (queries x keys), padded
+(in causal patterns too: a tile covers its whole group, with the future keys hidden).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from ..patterns import MaskPredicate
 from .reference import compute_dtype
 
 DEFAULT_BLOCK = 16  # slots per block: groups are padded to a multiple of it (less padding; tiles stay group-sized)
-CHUNK_SCORES = 1 << 20  # score entries (block pairs x block x block) computed at once
+CHUNK_SCORES = 1 << 20  # score entries (tiles x query slots x key slots) computed at once
 
 
 def shared_group_mask(q_groups: torch.Tensor, k_groups: torch.Tensor) -> torch.Tensor:
