@@ -126,7 +126,7 @@ class Scatterbrain(SeededDraws, Mechanism):
         xq = x.q.to(cdt) * root  # [B, Tq, Hq, D]
         logits = xq @ w.T  # [B, Tq, Hq, m]
         top = logits.amax(-1, keepdim=True).detach()  # a per-query shift; it comes back in log_scale
-        fq = torch.exp(logits - top - 0.5 * math.log(w.shape[0]))
+        fq = logits.sub(top + 0.5 * math.log(w.shape[0])).exp_()  # [B, Tq, Hq, m], entries <= 1 / sqrt(m)
         log_scale = top[..., 0] - 0.5 * xq.square().sum(-1)  # [B, Tq, Hq]
         fk = positive_random_features(x.k.to(cdt) * root, w, per_row_max=False)  # [B, Tk, Hkv, m]
         if x.key_padding_mask is not None:  # phi(0) is not 0: padded keys are taken out by selection
