@@ -28,7 +28,7 @@ TINY = {
     "flex-attention-dilated": {"dilation": 3, "heterogeneous": True, "local": 2, "block": 8},
     "performer-pytorch": {"num_features": 32},
     "reformer-pytorch": {"bucket_size": 8, "n_hashes": 2},
-    "routing-transformer": {"window": 16},
+    "routing-transformer": {"num_clusters": 4},
     "nystrom-attention": {"num_landmarks": 16},
     "linformer": {"proj_len": 16},
     "agent-attention-pytorch": {"num_agents": 8},

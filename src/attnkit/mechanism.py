@@ -309,6 +309,10 @@ class Mechanism(nn.Module):
         """The specification: plain PyTorch that reads like the paper."""
         raise NotImplementedError
 
+    def after_step(self) -> None:
+        """Called by a training loop after each optimizer step (for every Mechanism module of the model).
+        A no-op here; a mechanism with state learned outside gradients (routing's k-means centroids) updates it."""
+
     # ---- state --------------------------------------------------------------------------------------
 
     def provenance(self, batch: int, heads: int | None, kv_heads: int, dk: int, dv: int) -> Provenance:

@@ -25,6 +25,7 @@ BENCH_OPTIONS: dict[str, dict[str, Any]] = {
     "block_sparse": {"seed": 0},  # a fixed draw of random blocks, the same in its FlexAttention peer
     "cosformer": {"max_len": 131072},  # positions must stay below max_len: room for the GPU preset's lengths
     "linformer": {"max_len": 32768},  # E, F must span the longest speed case (the GPU preset's 32K)
+    "reformer": {"n_buckets": 128, "n_hashes": 4},  # reformer-pytorch's bucket_size 64 at T = 8192
 }
 
 

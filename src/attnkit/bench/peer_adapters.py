@@ -14,9 +14,12 @@ is set up to compute the same thing where that is possible:
 - ``performer-pytorch``: ``FastAttention`` (FAVOR+); causal without the CUDA extension is the package's
   chunked prefix-sum fallback. Its key stabiliser is a max over all keys, also when causal (cancels).
 - ``reformer-pytorch``: ``LSHAttention`` is shared-QK (keys = normalised queries, ``k`` unused; a token
-  sees itself only when nothing else is visible); needs T % (2 * bucket_size) == 0.
-- ``routing-transformer``: ``KmeansAttention``, T // window clusters, centroids initialised by k-means
-  while building; eval mode, so the training-time EMA centroid update is not timed.
+  sees itself only when nothing else is visible) and attends within sorted chunks of ``bucket_size``; needs
+  T % (2 * bucket_size) == 0. Its buckets per round are T / bucket_size: attnkit's ``reformer`` takes
+  ``n_buckets`` as a fixed option instead (the benchmark gives it T / 64 at T = 8192, see ``BENCH_OPTIONS``).
+- ``routing-transformer``: ``KmeansAttention`` with attnkit's option ``num_clusters`` (its window, the
+  tokens per cluster, is T // num_clusters), centroids initialised by k-means while building; eval mode, so
+  the training-time EMA centroid update is not timed.
 - module-level (includes projections): ``nystrom-attention`` (no conv residual; float32 only),
   ``linformer`` (``seq_len`` = Tk) and ``agent-attention-pytorch`` (*learned* agent tokens where the
   paper pools queries; no talking heads, no gate) take ``x = q.reshape(B,T,H*D)`` and project it.
@@ -214,8 +217,8 @@ def _reformer_check(case: Case) -> str | None:
 
 
 def _routing_sizes(case: Case) -> tuple[int, int]:
-    w = min(_opt(case, "window"), case.tk)
-    return max(1, case.tk // w), w  # clusters, tokens per cluster
+    clusters = max(1, min(_opt(case, "num_clusters"), case.tk))
+    return clusters, case.tk // clusters  # clusters, tokens per cluster (the peer's window)
 
 
 def _routing_build(case: Case, q, k, v, grad: bool) -> Forward:
@@ -399,7 +402,7 @@ PEERS: dict[str, PeerSpec] = {
         KERNEL,
         _routing_build,
         _routing_flops,
-        {"window": 128},
+        {"num_clusters": 64},
     ),
     "nystrom-attention": PeerSpec(
         "nystrom-attention",

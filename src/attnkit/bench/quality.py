@@ -26,6 +26,7 @@ import torch.nn.functional as F
 
 from ..api import info
 from ..errors import InvalidOption
+from ..mechanism import Mechanism
 from ..nn import CausalLM, EncoderClassifier, EncoderDecoder
 from ..nn.blocks import POSITIONS
 from ..patterns import Pattern
@@ -219,6 +220,9 @@ def train_and_evaluate(case: QualityCase, task) -> dict[str, Any]:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            for module in model.modules():
+                if isinstance(module, Mechanism):
+                    module.after_step()
             step += 1
             seen += batch.inputs.numel()
             if step % every == 0 or step == p.steps:
