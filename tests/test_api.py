@@ -59,7 +59,7 @@ def test_mechanisms_listing_and_wildcards():
     assert {"softmax", "sigmoid", "linear", "sliding_window"} <= set(names)
     assert names == sorted(names)
     assert [m.name for m in attnkit.mechanisms("s*")] == [n for n in names if n.startswith("s")]
-    assert [m.name for m in attnkit.mechanisms("lin*")] == ["linear"]
+    assert [m.name for m in attnkit.mechanisms("lin*")] == ["linear", "linformer"]
     cross = {m.name for m in attnkit.mechanisms(pattern="noncausal_cross")}
     assert "softmax" in cross and "sliding_window" not in cross
 
