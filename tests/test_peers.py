@@ -151,6 +151,10 @@ def test_peer_cases_only_supported():
     assert half and not any(c.peer == "nystrom-attention" for c in half), "nystrom-attention is float32 only"
     with pytest.raises(InvalidOption):
         peer_cases(device="cpu", **{**kw, "dtypes": ("float8",)})
+    # --mechanisms selects peers too: only those whose counterpart is chosen
+    chosen = peer_cases(device="cpu", names="nystrom,sliding*", **kw)
+    assert {c.mechanism for c in chosen} <= {"nystrom", "sliding_window"}
+    assert {c.peer for c in chosen} == {n for n in names if PEERS[n].mechanism in ("nystrom", "sliding_window")}
 
 
 def test_peer_call_rejects_what_the_peer_cannot_do():

@@ -172,12 +172,17 @@ def peer_cases(
     runs: int,
     heads: int = 8,
     head_dim: int = 64,
+    names: str | list[str] | None = None,
 ) -> list[Case]:
-    """One case per (available peer, pattern it supports, T, dtype, mode it can run); others are left out."""
+    """One case per (available peer of a selected mechanism, pattern it supports, T, dtype, mode it can run);
+    others are left out. ``names`` selects mechanisms as ``--mechanisms`` does (None: every peer)."""
     pats = [p.value for p in check_request(patterns, lengths, dtypes, modes)]
+    chosen = None if names is None else set(select_mechanisms(names))
     cases = []
     for name in available_peers():
         spec = PEERS[name]
+        if chosen is not None and spec.mechanism not in chosen:
+            continue
         for pattern in (p for p in pats if p in spec.patterns):
             for mode in (m for m in modes if m in ("fwd", "fwdbwd")):
                 for d in dtypes:

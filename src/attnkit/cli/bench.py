@@ -126,7 +126,7 @@ def _speed(args: argparse.Namespace) -> Summary:
 
         if not available_peers():
             raise AttnkitError("--peers: no peer package is installed; pip install 'attnkit[peers]'")
-        cases += peer_cases(**{k: v for k, v in common.items() if k != "modes"},
+        cases += peer_cases(**{k: v for k, v in common.items() if k != "modes"}, names=args.mechanisms,
                             modes=tuple(m for m in common["modes"] if m != "decode"))  # fmt: skip
     if only_baselines(cases, args.mechanisms):
         chosen = ", ".join(select_mechanisms(args.mechanisms))
