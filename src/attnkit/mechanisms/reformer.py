@@ -35,13 +35,14 @@ import torch
 
 from ..errors import InvalidOption
 from ..inputs import AttentionInputs
-from ..mechanism import Complexity, Mechanism, Paper, Shape, fast_path, register_mechanism
-from ..ops.bucketed import DEFAULT_BLOCK, bucketed_attention, group_predicate
+from ..mechanism import Complexity, Paper, Shape, register_mechanism
+from ..ops.bucketed import DEFAULT_BLOCK
 from ..ops.lsh import query_key_buckets, random_rotations
-from ..ops.reference import compute_dtype, dense_softmax_attention
+from ..ops.reference import compute_dtype
 from ..options import MAX_SEED, check_int
 from ..patterns import Pattern
 from ..state import KVCache
+from ._grouped import GroupedAttention
 from ._seeded import SeededDraws
 
 
@@ -66,7 +67,7 @@ class ReformerOptions:
 
 
 @register_mechanism("reformer")
-class Reformer(SeededDraws, Mechanism):
+class Reformer(SeededDraws, GroupedAttention):
     family = "routed sparse"
     paper = Paper("Reformer: The Efficient Transformer", 2020, "2001.04451")
     patterns = frozenset({Pattern.NONCAUSAL_SELF, Pattern.CAUSAL_SELF})
@@ -87,34 +88,12 @@ class Reformer(SeededDraws, Mechanism):
         make = lambda gen: random_rotations(gen, dim, o.n_hashes, o.n_buckets).to(device=device, dtype=dtype)  # noqa: E731
         return self.drawn((dim, torch.device(device), dtype), make)
 
-    def bucket_ids(self, x: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    def group_ids(self, x: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor]:
         """Bucket of every query and key per round: ``[B, Hq, R, Tq]``, ``[B, Hq, R, Tk]`` (keys per query head)."""
         return query_key_buckets(x.q, x.k, self.rotations(x.q.shape[-1], x.q.device, compute_dtype(x.q.dtype)))
 
-    # ---- paths ---------------------------------------------------------------------------------------
-
-    def reference(self, x: AttentionInputs):
-        q_ids, k_ids = self.bucket_ids(x)
-        # softmax over the keys that share a bucket with the query in some round (and the pattern, padding)
-        return dense_softmax_attention(x, group_predicate(q_ids, k_ids, x.q_offset)), None
-
-    @fast_path("bucketed", priority=10)
-    def bucketed(self, x: AttentionInputs):
-        q_ids, k_ids = self.bucket_ids(x)
-        out = bucketed_attention(
-            x.q,
-            x.k,
-            x.v,
-            q_ids,
-            k_ids,
-            n_groups=self.options.n_buckets,
-            scale=x.scale,
-            causal=x.pattern is Pattern.CAUSAL_SELF,
-            q_offset=x.q_offset,
-            key_padding_mask=x.key_padding_mask,
-            block=self.options.block_size,
-        )
-        return out, None
+    def n_groups(self) -> int:
+        return self.options.n_buckets
 
     # ---- costs ---------------------------------------------------------------------------------------
 

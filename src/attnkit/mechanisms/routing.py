@@ -38,13 +38,14 @@ import torch.nn.functional as F
 
 from ..errors import ShapeError
 from ..inputs import AttentionInputs
-from ..mechanism import Complexity, Mechanism, Paper, Shape, fast_path, register_mechanism
-from ..ops.bucketed import DEFAULT_BLOCK, bucketed_attention, group_predicate
+from ..mechanism import Complexity, Paper, Shape, register_mechanism
+from ..ops.bucketed import DEFAULT_BLOCK
 from ..ops.gqa import repeat_kv
-from ..ops.reference import compute_dtype, dense_softmax_attention
+from ..ops.reference import compute_dtype
 from ..options import MAX_SEED, check_float, check_int
 from ..patterns import ALL_PATTERNS, Pattern
 from ..state import KVCache
+from ._grouped import GroupedAttention
 from ._seeded import SeededDraws
 
 
@@ -64,7 +65,7 @@ class RoutingOptions:
 
 
 @register_mechanism("routing")
-class Routing(SeededDraws, Mechanism):
+class Routing(SeededDraws, GroupedAttention):
     family = "routed sparse"
     paper = Paper("Efficient Content-Based Sparse Attention with Routing Transformers", 2020, "2003.05997")
     patterns = ALL_PATTERNS
@@ -103,7 +104,7 @@ class Routing(SeededDraws, Mechanism):
 
     # ---- routing (shared by every path) ---------------------------------------------------------------
 
-    def cluster_ids(self, x: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor]:
+    def group_ids(self, x: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor]:
         """Nearest centroid of every query and key: ``[B, Hq, 1, Tq]``, ``[B, Hq, 1, Tk]`` (keys per query head).
 
         In training with gradients on, also adds the new unit q and k to the step's statistics."""
@@ -148,30 +149,8 @@ class Routing(SeededDraws, Mechanism):
         self.routed_sum.zero_()
         self.routed_count.zero_()
 
-    # ---- paths ---------------------------------------------------------------------------------------
-
-    def reference(self, x: AttentionInputs):
-        q_ids, k_ids = self.cluster_ids(x)
-        # softmax over the keys routed to the query's cluster (and the pattern, padding)
-        return dense_softmax_attention(x, group_predicate(q_ids, k_ids, x.q_offset)), None
-
-    @fast_path("bucketed", priority=10)
-    def bucketed(self, x: AttentionInputs):
-        q_ids, k_ids = self.cluster_ids(x)
-        out = bucketed_attention(
-            x.q,
-            x.k,
-            x.v,
-            q_ids,
-            k_ids,
-            n_groups=self.options.num_clusters,
-            scale=x.scale,
-            causal=x.pattern is Pattern.CAUSAL_SELF,
-            q_offset=x.q_offset,
-            key_padding_mask=x.key_padding_mask,
-            block=self.options.block_size,
-        )
-        return out, None
+    def n_groups(self) -> int:
+        return self.options.num_clusters
 
     # ---- costs ---------------------------------------------------------------------------------------
 
