@@ -453,3 +453,19 @@ def test_fidelity_groups_families_with_kernel_first():
     assert table.index("performer") < table.index("sliding_window")
     assert "window=1: 0.0202" in table and "window=2: 0.0302" in table
     assert html.count("<tr>") == 1 + 3
+
+
+def test_fidelity_charts_draw_the_default_knob_and_the_table_every_value():
+    from attnkit.report import sections
+
+    rows = [
+        {"kind": "fidelity", "status": "ok", "mechanism": "performer", "pattern": "causal_self", "tokens": t,
+         "error": m / 1000, "options": {"num_features": m}, "extra": {"temperature": 1.0, "inputs": "random"}}
+        for m in (64, 256)
+        for t in (256, 1024)
+    ]  # fmt: skip
+    html = sections.fidelity(rows)
+    charts = html[html.index("</table>") :]
+    assert "num_features=256" in charts and "num_features=64" not in charts  # 256 is performer's default
+    table = html[: html.index("</table>")]
+    assert "num_features=64: 0.064" in table and "num_features=256: 0.256" in table

@@ -3,6 +3,7 @@ beyond the derived figures of ``attnkit.bench.derived``."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections import defaultdict
@@ -268,17 +269,37 @@ def _knob_table(sel: list[dict[str, Any]]) -> str:
     )
 
 
+def _at_default_knob(fid: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows of each mechanism at its default knob value (all its rows where none is at the default): the
+    charts draw one line a mechanism, the knob table shows the other values."""
+    defaults: dict[str, dict[str, Any]] = {}
+    for name in {r["mechanism"] for r in fid}:
+        try:
+            options = info(name).options
+            defaults[name] = {f.name: f.default for f in dataclasses.fields(options)}
+        except (AttnkitError, TypeError):  # not in this attnkit, or options that are not a dataclass
+            defaults[name] = {}
+
+    def at_default(r: dict[str, Any]) -> bool:
+        d = defaults[r["mechanism"]]
+        return all(k in d and d[k] == v for k, v in r["options"].items() if v is not None)
+
+    keep = {r["mechanism"] for r in fid if at_default(r)}
+    return [r for r in fid if r["mechanism"] not in keep or at_default(r)]
+
+
 def fidelity(rows: list[dict[str, Any]]) -> str:
-    """Per pattern: the knob table, then error vs T and vs temperature, one chart per family group (the
-    kernel family first, the sparse, low-rank and routed families beside it)."""
+    """Per pattern: the knob table, then error vs T and vs temperature at each mechanism's default knob, one
+    chart per family group (the kernel family first, the sparse, low-rank and routed families beside it)."""
     fid = [r for r in rows if r["kind"] == "fidelity" and r["status"] == "ok"]
     if not fid:
         return '<p class="empty">No fidelity results in this store: run <code>attnkit bench fidelity</code>.</p>'
     parts = []
+    drawn = _at_default_knob(fid)
     for pattern in sorted({r["pattern"] for r in fid}):
         parts.append(f"<h3>{escape(pattern)}</h3>" + _knob_table([r for r in fid if r["pattern"] == pattern]))
         for inputs in sorted({str(r["extra"].get("inputs")) for r in fid}):
-            sel = [r for r in fid if r["pattern"] == pattern and str(r["extra"].get("inputs")) == inputs]
+            sel = [r for r in drawn if r["pattern"] == pattern and str(r["extra"].get("inputs")) == inputs]
             if not sel:
                 continue
             t_max = max(r["tokens"] for r in sel)
