@@ -200,3 +200,18 @@ def test_step_outputs_stack_with_and_without_autograd():
     torch.testing.assert_close(w.grad, sum(y.sum((0, 1)) for y in ys))
     with pytest.raises(ValueError, match="before any add"):
         StepOutputs(3).stacked()
+
+
+def test_spatial_grid_helpers():
+    from attnkit.ops.spatial import from_grid, grid_coords, pad_grid, to_grid
+
+    t = torch.arange(2 * 12 * 3 * 1, dtype=torch.float32).view(2, 12, 3, 1)
+    g = to_grid(t, (3, 4))
+    assert g.shape == (2, 3, 4, 3, 1) and torch.equal(from_grid(g), t)
+    assert torch.equal(g[0, 1, 2], t[0, 1 * 4 + 2])  # row-major: token i = row * w + column
+    assert grid_coords((3, 4))[6].tolist() == [1, 2] and grid_coords((2, 2, 2))[5].tolist() == [1, 0, 1]
+    padded, extra = pad_grid(g, (2, 3))
+    assert padded.shape == (2, 4, 6, 3, 1) and extra == (1, 2)
+    assert torch.equal(padded[:, :3, :4], g) and padded[:, 3].abs().sum() == 0 and padded[:, :, 4:].abs().sum() == 0
+    with pytest.raises(ValueError, match="positions"):
+        to_grid(t, (5, 5))
