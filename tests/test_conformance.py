@@ -100,7 +100,15 @@ def test_pattern_contract(item):
     q, k, v = make_qkv(B, t, t if pattern.is_self else 29, HQ, HKV, d)
     full = mech(q, k, v, pattern=pattern, path=path)
     assert torch.isfinite(full).all()
-    if pattern is Pattern.CAUSAL_SELF:
+    if pattern is Pattern.CAUSAL_SELF and case.spatial_dims:
+        # a grid is causal along its leading axis (frames, rows): whole leading slices are the prefixes
+        grid = case.grid(t)
+        row = t // grid[0]
+        for rows in sorted({1, 2, grid[0] - 1} - {0}):
+            n = rows * row
+            short = mech(q[:, :n], k[:, :n], v[:, :n], pattern=pattern, path=path, spatial_shape=(rows, *grid[1:]))
+            assert_close(f"first {rows} of {grid}", full[:, :n], short, tol)
+    elif pattern is Pattern.CAUSAL_SELF:
         for i in (0, 1, 20, t - 1):
             short = mech(q[:, : i + 1], k[:, : i + 1], v[:, : i + 1], pattern=pattern, path=path)
             assert_close(f"prefix {i + 1}", full[:, i], short[:, i], tol)
@@ -150,11 +158,15 @@ def test_chunked_state_equals_full_call(item, masked, autograd):
         kpm[0, :4] = False  # the first queries of row 0 see no real key at all
     full = mech(q, k, v, pattern=Pattern.CAUSAL_SELF, key_padding_mask=kpm, path=path)
 
+    # a grid is fed in whole leading slices (rows, frames): chunk sizes are counted in slices
+    grid = case.grid(t) if case.spatial_dims else None
+    row = t // grid[0] if grid else 1
     state, outs, start = None, [], 0
     with torch.set_grad_enabled(autograd):
-        for n in random_chunks(t, seed=7):
+        for n in (rows * row for rows in random_chunks(t // row, seed=7)):
             sl = slice(start, start + n)
             mask = None if kpm is None else kpm[:, sl]
+            where = {"spatial_shape": (n // row, *grid[1:])} if grid else {}
             o, state = mech(
                 q[:, sl],
                 k[:, sl],
@@ -164,6 +176,7 @@ def test_chunked_state_equals_full_call(item, masked, autograd):
                 state=state,
                 return_state=True,
                 path=path,
+                **where,
             )
             assert mech.last_path == path
             outs.append(o)
@@ -199,10 +212,19 @@ def test_state_nbytes_is_the_memory_it_holds(case, autograd):
     KV cache, room that grows with the tokens seen (at most a quarter more rows, or 64)."""
     t, d = 60, 16
     mech = case.build(HQ, d)
-    q, k, v = make_qkv(B, t + 1, t + 1, HQ, HKV, d, requires_grad=autograd)
+    step = 1  # a grid steps by one leading slice (a row, a frame)
+    where: dict = {}
+    if case.spatial_dims:
+        grid = case.grid(120)  # a grid with several leading slices
+        step = 120 // grid[0]
+        t = 120 - step
+        where = {"spatial_shape": (grid[0] - 1, *grid[1:])}, {"spatial_shape": (1, *grid[1:])}
+    q, k, v = make_qkv(B, t + step, t + step, HQ, HKV, d, requires_grad=autograd)
+    first, then = where or ({}, {})
     with torch.set_grad_enabled(autograd):
-        _, prefilled = mech(q[:, :t], k[:, :t], v[:, :t], pattern="causal_self", return_state=True)
-        _, stepped = mech(q[:, t:], k[:, t:], v[:, t:], pattern="causal_self", state=prefilled, return_state=True)
+        _, prefilled = mech(q[:, :t], k[:, :t], v[:, :t], pattern="causal_self", return_state=True, **first)
+        _, stepped = mech(q[:, t:], k[:, t:], v[:, t:], pattern="causal_self", state=prefilled, return_state=True,
+                          **then)  # fmt: skip
     for when, st in (("prefill", prefilled), ("step", stepped)):
         storages = {x.untyped_storage().data_ptr(): x.untyped_storage().nbytes() for x in st.tensors().values()}
         held, own = sum(storages.values()), sum(x.nbytes for x in st.tensors().values())
@@ -218,6 +240,8 @@ def test_state_nbytes_is_the_memory_it_holds(case, autograd):
 def test_key_padding(item):
     """Padded keys change nothing; a row whose keys are all padded gives zeros, never NaN."""
     case, pattern, path = item
+    if case.spatial_dims:
+        return _key_padding_on_a_grid(case, pattern, path)
     t, tk, d, left, right = 20, 17, 24, 3, 4
     mech = case.build(HQ, d)
     tol = mech.tolerances[torch.float32]
@@ -242,6 +266,38 @@ def test_key_padding(item):
     assert out[1].abs().max() == 0, "a query that sees no real key must output zeros"
     grads = torch.autograd.grad(out.sum(), (qp, kp, vp), allow_unused=True)
     assert all(gr is None or torch.isfinite(gr).all() for gr in grads), "non-finite gradients"
+
+
+def _key_padding_on_a_grid(case, pattern, path):
+    """On a grid, padding cannot be appended (it would change the grid): keys are masked where they stand.
+    The path agrees with the reference under the mask, and a row whose keys are all padded gives zeros."""
+    t, d = 20, 24
+    mech = case.build(HQ, d)
+    tol = mech.tolerances[torch.float32]
+    q, k, v = make_qkv(B, t, t if pattern.is_self else 17, HQ, HKV, d, requires_grad=True)
+    kpm = torch.rand(B, k.shape[1], generator=torch.Generator().manual_seed(4)) > 0.3
+    ref = mech(q, k, v, pattern=pattern, key_padding_mask=kpm, path="reference")
+    out = mech(q, k, v, pattern=pattern, key_padding_mask=kpm, path=path)
+    assert_close("padded", ref, out, tol)
+    kpm[1] = False  # every key of batch row 1 is padding
+    out = mech(q, k, v, pattern=pattern, key_padding_mask=kpm, path=path)
+    assert torch.isfinite(out).all(), "NaN/inf where all keys are padded"
+    assert out[1].abs().max() == 0, "a query that sees no real key must output zeros"
+    grads = torch.autograd.grad(out.sum(), (q, k, v), allow_unused=True)
+    assert all(gr is None or torch.isfinite(gr).all() for gr in grads), "non-finite gradients"
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.spatial_dims], ids=lambda c: c.label)
+def test_spatial_shape_must_hold_the_tokens(case):
+    """A spatial_shape whose product is not T, or that is missing, is refused before compute."""
+    from attnkit.errors import ShapeError
+
+    mech = case.build(HQ, 16)
+    pattern = sorted(case.cls.patterns, key=lambda p: not p.is_self)[0]
+    q, k, v = make_qkv(1, 12, 12, HQ, HKV, 16)
+    for bad in [(5, 3), (12, 2), (0, 12), None]:
+        with pytest.raises(ShapeError, match="spatial_shape"):
+            mech(q, k, v, pattern=pattern, spatial_shape=bad)
 
 
 @pytest.mark.parametrize("item", PATH_GRID, ids=grid_id)

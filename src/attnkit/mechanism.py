@@ -130,6 +130,8 @@ class Mechanism(nn.Module):
     exact: ClassVar[bool]
     trainable: ClassVar[bool] = False
     spatial: ClassVar[bool] = False
+    # spatial mechanisms: the grid ranks (1-D, 2-D, 3-D) the conformance suite exercises
+    spatial_dims: ClassVar[tuple[int, ...]] = (2,)
     uses_scale: ClassVar[bool] = True  # takes the softmax-style score scale (default 1/sqrt(Dk))
     state_kind: ClassVar[type[State] | None] = None
     complexity: ClassVar[Complexity]

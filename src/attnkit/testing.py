@@ -46,26 +46,63 @@ def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, ratio: float, 
     assert err <= ratio, f"{name}: relative RMSE {err:.3e} exceeds {ratio:.1e}"
 
 
+def _largest_divisor_upto(t: int, root: int) -> int:
+    """The largest divisor ``a`` of ``t`` with ``a ** root <= t``."""
+    return max(a for a in range(1, t + 1) if t % a == 0 and a**root <= t)
+
+
+def grid_for(t: int, dims: int) -> tuple[int, ...]:
+    """A grid of ``dims`` axes holding ``t`` tokens, as square as ``t``'s divisors allow, the leading axis the
+    shortest: ``grid_for(63, 2) == (7, 9)``, ``grid_for(200, 3) == (5, 5, 8)``, ``grid_for(7, 2) == (1, 7)``."""
+    if dims == 1:
+        return (t,)
+    a = _largest_divisor_upto(t, dims)
+    return (a, *grid_for(t // a, dims - 1))
+
+
 @dataclass(frozen=True)
 class Case:
-    """One mechanism configuration the conformance suite exercises."""
+    """One mechanism configuration the conformance suite exercises (spatial ones on a grid of ``spatial_dims`` axes)."""
 
     mechanism: str
     options: dict[str, Any] = field(default_factory=dict)
+    spatial_dims: int = 0  # 0: not spatial
 
     @property
     def label(self) -> str:
-        if not self.options:
-            return self.mechanism
-        return self.mechanism + "[" + ",".join(f"{k}={v}" for k, v in sorted(self.options.items())) + "]"
+        label = self.mechanism
+        if self.options:
+            label += "[" + ",".join(f"{k}={v}" for k, v in sorted(self.options.items())) + "]"
+        return label + (f"-{self.spatial_dims}d" if self.spatial_dims else "")
+
+    def grid(self, t: int) -> tuple[int, ...] | None:
+        """The spatial_shape the suite gives a call with ``t`` query tokens (None: not spatial, or no tokens)."""
+        return grid_for(t, self.spatial_dims) if self.spatial_dims and t > 0 else None
 
     def build(self, heads: int, head_dim: int) -> Mechanism:
         torch.manual_seed(0)  # trainable mechanisms start from the same parameters every time
-        return create(self.mechanism, heads=heads, head_dim=head_dim, **self.options)
+        mech = create(self.mechanism, heads=heads, head_dim=head_dim, **self.options)
+        return SpatialCalls(mech, self) if self.spatial_dims else mech
 
     @property
     def cls(self) -> type[Mechanism]:
         return REGISTRY.get(self.mechanism)
+
+
+class SpatialCalls:
+    """A spatial mechanism whose calls get ``spatial_shape`` from the case's grid of the query length, unless
+    the call passes one; everything else is the mechanism's own (``last_path``, ``tolerances``, ``init_state``)."""
+
+    def __init__(self, mech: Mechanism, case: Case):
+        self.mech, self.case = mech, case
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kw: Any):
+        if "spatial_shape" not in kw and q.dim() == 4:
+            kw["spatial_shape"] = self.case.grid(q.shape[1])
+        return self.mech(q, k, v, **kw)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.mech, name)
 
 
 def cases(name: str = "*", *, kind: str = "attention") -> list[Case]:
@@ -74,7 +111,8 @@ def cases(name: str = "*", *, kind: str = "attention") -> list[Case]:
     for n in REGISTRY.names(name):
         cls = REGISTRY.get(n)
         if cls.kind == kind:
-            out.extend(Case(n, dict(opts)) for opts in cls.example_options)
+            ranks = cls.spatial_dims if cls.spatial else (0,)
+            out.extend(Case(n, dict(opts), dims) for opts in cls.example_options for dims in ranks)
     return out
 
 
@@ -83,6 +121,7 @@ def pattern_path_grid(case_list: list[Case], device: str = "cpu") -> list[tuple[
     grid = []
     for case in case_list:
         mech = case.build(2, 4)
+        mech = getattr(mech, "mech", mech)  # a spatial case's mechanism itself
         for pattern in sorted(case.cls.patterns, key=lambda p: p.value):
             grid.extend((case, pattern, p.name) for p in paths_for(case.cls, mech, pattern, device))
     return grid

@@ -42,4 +42,6 @@ def probe_inputs(pattern: Pattern, tq: int = 8, tk: int = 8, device: str = "cpu"
 def paths_for(cls: type[Mechanism], mech: Mechanism, pattern: Pattern, device: str = "cpu") -> list[FastPath]:
     """The fast paths that accept ``pattern`` on plain inputs on ``device``."""
     x = probe_inputs(pattern, 8, 8 if pattern.is_self else 12, device)
+    if cls.spatial:  # the 8 queries on a 2 x 4 grid
+        x = x.replace(spatial_shape=(2, 4))
     return [p for p in cls._fast_paths if not p.not_supported_reasons(mech, x)]
