@@ -141,12 +141,14 @@ def speed_cases(
                 paths = sorted(set(paths) | {"sdpa", "reference"})
             for path in paths:
                 for mode in (m for m in modes if m != "decode"):
-                    cases.extend(
-                        Case("speed", name, path, pattern.value, mode, t, d, device, runs=runs, **shape)
-                        for d in dtypes
-                        for t in lengths
-                    )
+                    for d in dtypes:
+                        for t in lengths:
+                            case = Case("speed", name, path, pattern.value, mode, t, d, device, runs=runs, **shape)
+                            if _fits(case):
+                                cases.append(case)
+        # a spatial mechanism decodes by whole rows, not by the token: no per-token decode case
         decodes = "decode" in modes and cls.state_kind is not None and Pattern.CAUSAL_SELF in cls.patterns
+        decodes = decodes and not cls.spatial
         if decodes and name in selected:
             cases.extend(
                 Case("decode", name, "auto", "causal_self", "decode", t, d, device, runs=runs, **shape)
@@ -154,6 +156,11 @@ def speed_cases(
                 for t in decode_lengths
             )
     return cases
+
+
+def _fits(case: Case) -> bool:
+    """A spatial mechanism runs on a square image: lengths whose queries do not fill one are left out."""
+    return not REGISTRY.get(case.mechanism).spatial or case.spatial_shape is not None
 
 
 def only_baselines(cases: list[Case], names) -> bool:

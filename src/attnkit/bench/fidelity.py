@@ -20,6 +20,7 @@ from ..mechanism import REGISTRY
 from ..patterns import Pattern
 from .case import SEED, BenchCase, Budget
 from .cases import check_request, select_mechanisms
+from .speed import square_grid
 
 TEMPERATURES = (0.5, 1.0, 2.0)
 INPUTS = ("random", "clustered")
@@ -107,6 +108,8 @@ def fidelity_cases(names: str | list[str] = "*", lengths: tuple[int, ...] = (256
             if pattern not in cls.patterns:
                 continue
             for value, t, tau, inputs in itertools.product(values, lengths, TEMPERATURES, INPUTS):
+                if cls.spatial and square_grid(t) is None:
+                    continue  # a spatial mechanism runs on square images only
                 options = ((knob, value),) if knob else ()
                 cases.append(FidelityCase(name, pattern.value, t, tau, inputs, options))
     return cases
@@ -118,5 +121,6 @@ def measure_fidelity(case: FidelityCase) -> float:
     with torch.no_grad():
         exact = attend(q, k, v, "softmax", pattern=case.pattern)
         mech = create(case.mechanism, heads=case.heads, head_dim=case.head_dim, **options)
-        approx = mech(q, k, v, pattern=case.pattern)
+        grid = square_grid(case.tokens) if mech.spatial else None  # a spatial mechanism sees a square image
+        approx = mech(q, k, v, pattern=case.pattern, spatial_shape=grid)
     return ((approx - exact).norm() / exact.norm()).item()

@@ -9,6 +9,7 @@ which survives a machine that slows down for a while; ``baseline_ms`` is the bas
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -25,6 +26,12 @@ from .peers import peer_call
 from .timing import time_paired
 
 DECODE_BLOCK_S = 0.005  # decode blocks are short: each call consumes a prepared token
+
+
+def square_grid(t: int) -> tuple[int, int] | None:
+    """``(s, s)`` when ``t == s * s``: the image a spatial mechanism is benchmarked on (64 x 64 at T = 4096)."""
+    s = math.isqrt(t)
+    return (s, s) if s * s == t else None
 
 
 @dataclass(frozen=True)
@@ -57,6 +64,13 @@ class Case(BenchCase):
     @property
     def tk(self) -> int:
         return self.tokens
+
+    @property
+    def spatial_shape(self) -> tuple[int, int] | None:
+        """The square grid of a spatial mechanism's queries (None: not spatial, or Tq is not a square)."""
+        if not REGISTRY.get(self.mechanism).spatial:
+            return None
+        return square_grid(self.tq)
 
     @property
     def is_sdpa(self) -> bool:
@@ -140,10 +154,11 @@ def _forward(case: Case, mechanism: str, path: str, options: dict, q, k, v) -> t
     """The timed closure of an attnkit mechanism (forward, plus backward for fwdbwd) and the module."""
     grad = case.mode == "fwdbwd"
     mech = create(mechanism, heads=case.heads, head_dim=case.head_dim, **options).to(case.device)
+    grid = case.spatial_shape if mech.spatial else None  # the SDPA baseline of a spatial case takes no grid
 
     def call():
         with torch.set_grad_enabled(grad):
-            out = mech(q, k, v, pattern=case.pattern, path=path)
+            out = mech(q, k, v, pattern=case.pattern, path=path, spatial_shape=grid)
             if grad:
                 out.backward(torch.ones_like(out))
         return out
