@@ -8,7 +8,9 @@ recorded ``diverged`` with its step, and the sweep goes on.
 The backbone follows the task's output: token tasks train ``nn.CausalLM`` (causal_self), class tasks
 ``nn.EncoderClassifier`` (noncausal_self), series tasks ``nn.EncoderDecoder`` (teacher-forced through
 noncausal_cross in training; scored on an autoregressive forecast decoded step by step with state,
-through causal_cross). Every mechanism gets the same model size, data, steps, seed and the task's one
+through causal_cross). A spatial mechanism (it needs a grid) trains on tasks whose tokens are an image (digits:
+``Task.image_shape``) through ``nn.ViT`` with 1×1 patches (``GreyLevelViT``), and is not applicable to the
+others. Every mechanism gets the same model size, data, steps, seed and the task's one
 learning rate (chosen once, with softmax), so the comparison is fair. Model-free baselines that a task
 defines (``Task.baselines``: a forecast's seasonal naive) are stored beside the score, in ``extra``.
 """
@@ -23,12 +25,14 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..api import info
 from ..errors import InvalidOption
 from ..mechanism import Mechanism
-from ..nn import CausalLM, EncoderClassifier, EncoderDecoder
+from ..nn import CausalLM, EncoderClassifier, EncoderDecoder, ViT
 from ..nn.blocks import POSITIONS
+from ..nn.vit import VIT_POSITIONS
 from ..patterns import Pattern
 from .case import BenchCase, Budget
 from .cases import select_mechanisms, split_names
@@ -50,6 +54,10 @@ MODEL: dict[str, dict[str, Any]] = {
 LR_GRID = (1e-4, 4.6e-4, 2.2e-3, 1e-2)
 CURVE_POINTS = 10  # the metric is evaluated this many times during training (the learning curve)
 EVAL_EXAMPLES = 256  # the curve's evaluations use at most this many test examples
+# Spatial mechanisms on an image task: a ViT with 1×1 patches, so its tokens are the pixels the encoder of every
+# other mechanism reads (T = 64 / 256 / 1024 at quick / cpu / gpu) and local windows stay local on the grid;
+# with the grey level one-hot as channels, the patch embedding is the encoder's token embedding (GreyLevelViT).
+VIT_PATCH = 1
 
 
 @dataclass(frozen=True)
@@ -128,21 +136,72 @@ class QualityCase(BenchCase):
                 "lr": self.learning_rate,
                 "lr_swept": self.lr is not None,
                 "positions": self.positions,
+                **self._backbone(),
             },  # fmt: skip
         }
+
+    def _backbone(self) -> dict[str, str]:
+        """``{"backbone": "ViT, 1x1 patches"}`` for a spatial mechanism on an image task; nothing otherwise, so the
+        rows of every other case read as they always have."""
+        if info(self.mechanism).spatial and on_image(self._task):
+            return {"backbone": f"ViT, {VIT_PATCH}x{VIT_PATCH} patches"}
+        return {}
 
     def measure(self, threads: int, budget: Budget) -> dict[str, Any]:
         task = self._task
         missing = [p for p in task.patterns if p not in info(self.mechanism).patterns]
         if missing:
             return {"status": "not_applicable", "reason": f"{self.mechanism} does not support {missing[0].value}"}
+        if info(self.mechanism).spatial:
+            if not on_image(task):
+                reason = f"{self.mechanism} is spatial (it needs a grid) and {self.task}'s tokens are a sequence"
+                return {"status": "not_applicable", "reason": reason}
+            if self.positions not in VIT_POSITIONS:
+                reason = f"the ViT that spatial mechanisms train has {' or '.join(VIT_POSITIONS)} positions"
+                return {"status": "not_applicable", "reason": f"{reason}, not {self.positions}"}
         return train_and_evaluate(self, task)
+
+
+def on_image(task) -> bool:
+    """Whether the task's tokens are an image (it says on which grid: ``image_shape(preset)``)."""
+    return callable(getattr(task, "image_shape", None))
+
+
+class GreyLevelViT(nn.Module):
+    """Pixel tokens ``[B, h·w]`` (grey levels ``0 .. levels-1``, row-major) as one-hot images ``[B, levels, h, w]``
+    into :class:`attnkit.nn.ViT` with 1×1 patches (mean pooling): its patch embedding is then one learned vector
+    per grey level (plus a bias, zero at first), initialised as the encoder's token embedding (``EMBED``), so the
+    model differs from the pixel-sequence encoder in one thing: its attention is told the grid."""
+
+    def __init__(self, levels: int, shape: tuple[int, int], num_classes: int, **vit: Any):
+        super().__init__()
+        self.levels, self.shape = levels, shape
+        self.vit = ViT(shape, VIT_PATCH, levels, num_classes, pooling="mean", **vit)
+        nn.init.normal_(self.vit.patches.proj.weight, std=EMBED["embed_std"])
+        nn.init.zeros_(self.vit.patches.proj.bias)
+
+    def forward(self, x: torch.Tensor, *, key_padding_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``x [B, h·w]`` grey levels -> logits ``[B, num_classes]``."""
+        if key_padding_mask is not None:
+            raise InvalidOption("an image has no padded pixels; the ViT takes no key_padding_mask")
+        if x.dim() != 2 or x.shape[1] != self.shape[0] * self.shape[1]:
+            raise InvalidOption(f"pixels must be [B, {self.shape[0] * self.shape[1]}]; got shape {tuple(x.shape)}")
+        if x.numel() and (x.min() < 0 or x.max() >= self.levels):
+            raise InvalidOption(f"grey levels must be in 0..{self.levels - 1}; got {x.min()}..{x.max()}")
+        w = self.vit.patches.proj.weight
+        images = F.one_hot(x, self.levels).to(w.dtype).view(x.shape[0], *self.shape, self.levels)  # [B, h, w, L]
+        return self.vit(images.permute(0, 3, 1, 2))  # [B, L, h, w] -> [B, classes]
 
 
 def build_model(case: QualityCase, task, vocab: int, longest: int) -> torch.nn.Module:
     """The task's backbone; learned positions reach ``longest`` tokens (the longest test variant), and their rows
-    past the training length stay untrained: length generalisation wants ``positions="rope"`` or ``"none"``."""
+    past the training length stay untrained: length generalisation wants ``positions="rope"`` or ``"none"``.
+    A spatial mechanism on an image task trains a :class:`GreyLevelViT` of the same size."""
     size = dict(MODEL[case.preset])
+    if task.output == "class" and info(case.mechanism).spatial and on_image(task):
+        shape = task.image_shape(case.preset)
+        return GreyLevelViT(vocab, shape, task.num_classes, mechanism=case.mechanism, positions=case.positions,
+                            **size, **case.options)  # fmt: skip
     common = dict(mechanism=case.mechanism, positions=case.positions, max_positions=longest, **size, **case.options)
     if task.output == "class":
         return EncoderClassifier(task.num_classes, vocab=vocab, pooling="mean", **EMBED, **common)

@@ -121,6 +121,7 @@ class Attention(nn.Module):
         state: State | None = None,
         return_state: bool = False,
         pattern: Pattern | str | None = None,
+        spatial_shape: tuple[int, ...] | None = None,
     ):
         """``x [B, T, dim]`` (and ``context [B, S, context_dim]`` for cross patterns) -> ``[B, T, dim]``.
 
@@ -128,7 +129,8 @@ class Attention(nn.Module):
         ``return_state=True`` returns ``(y, state)``; feed the state back to decode further tokens.
         ``pattern`` overrides the layer's pattern for this call, with the same weights: it must be a self
         pattern for a self layer and a cross one for a cross layer (a decoder's cross attention trained
-        with ``noncausal_cross`` decodes with ``causal_cross``).
+        with ``noncausal_cross`` decodes with ``causal_cross``). ``spatial_shape`` (``(h, w)`` or ``(d, h, w)``,
+        tokens flattened row-major) goes to the mechanism as it is; the mechanism checks it (DESIGN §1.1).
         """
         self._check_input("x", x, self.dim)
         pattern = self.pattern if pattern is None else as_pattern(pattern)
@@ -158,6 +160,7 @@ class Attention(nn.Module):
             key_padding_mask=key_padding_mask,
             state=state,
             return_state=return_state,
+            spatial_shape=spatial_shape,
         )
         out, new_state = res if return_state else (res, None)
         y = self.o_proj(out.reshape(b, t, self.heads * self.head_dim))

@@ -164,17 +164,23 @@ class Block(nn.Module):
         memory_padding_mask: torch.Tensor | None = None,
         state: BlockState | None = None,
         return_state: bool = False,
+        spatial_shape: tuple[int, ...] | None = None,
     ):
-        """``x [B, T, C]`` (``memory [B, S, C]`` for cross attention) -> ``x [B, T, C]`` (and the new state)."""
+        """``x [B, T, C]`` (``memory [B, S, C]`` for cross attention) -> ``x [B, T, C]`` (and the new state).
+
+        ``spatial_shape`` (tokens on a row-major grid) reaches the self attention's mechanism; cross attention's
+        keys are another sequence, so it gets none."""
         stateful = state is not None or return_state
         state = state or BlockState()
         h, conv_state = self.norm1(x), None
         if self.conv is not None:
             h, conv_state = self.conv(h, state.conv)
         if stateful:
-            h, attn_state = self.attn(h, key_padding_mask=key_padding_mask, state=state.attn, return_state=True)
+            h, attn_state = self.attn(
+                h, key_padding_mask=key_padding_mask, state=state.attn, return_state=True, spatial_shape=spatial_shape
+            )
         else:
-            h, attn_state = self.attn(h, key_padding_mask=key_padding_mask), None
+            h, attn_state = self.attn(h, key_padding_mask=key_padding_mask, spatial_shape=spatial_shape), None
         x = x + self.drop(h)
         queries = None
         if self.cross is not None:

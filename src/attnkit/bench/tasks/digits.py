@@ -13,6 +13,10 @@ dropped from the test part when the file is read (the 1,797 images in scikit-lea
 distinct, so none is; were one dropped, the test set would be that much smaller), so the base class's
 duplicate check always passes and never needs to regenerate anything.
 
+Spatial mechanisms (``attnkit.info(name).spatial``) need the grid, so they read the same tokens as a
+``side × side`` image (:meth:`Digits.image_shape`) through a ViT with 1×1 patches (``bench/quality.py``);
+every other mechanism trains the pixel-sequence encoder, so their rows are unchanged (VERSION stays 1).
+
 The data comes from ``sklearn/datasets/data/digits.csv.gz`` (64 pixels then the label, per row), read
 without importing scikit-learn; without it, :class:`~attnkit.errors.MissingDependency`.
 """
@@ -91,6 +95,12 @@ class Digits(Task):
             vocab=LEVELS, seq_len=1024, n_train=N_TRAIN, n_test=360, steps=1000, batch_size=32, side=32
         ),
     }
+
+    def image_shape(self, preset: str | DigitsPreset) -> tuple[int, int]:
+        """The grid the pixel tokens lie on, row-major: ``(side, side)``. Spatial mechanisms train a ViT over it
+        (``bench/quality.py``); the rest read the same tokens as a plain sequence."""
+        side = self.preset(preset).side
+        return side, side
 
     def data_info(self, p: DigitsPreset):
         return {"source": "sklearn/datasets/data/digits.csv.gz", "side": p.side}
