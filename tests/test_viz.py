@@ -11,6 +11,8 @@ import torch
 
 import attnkit
 from attnkit import viz
+from attnkit.cli import main
+from attnkit.cli.viz import parse_value
 from attnkit.errors import InvalidOption, ShapeError, UnknownMechanism, UnsupportedPattern
 from attnkit.mechanism import REGISTRY, Complexity, Mechanism, Paper, register_mechanism
 from attnkit.ops.reference import upcast_qkv
@@ -220,3 +222,61 @@ def test_save_pattern_writes_pngs(tmp_path):
     grid = viz.save_pattern("softmax", tmp_path / "grid.png", spatial_shape=(14, 14), query=(3, 5), log_scale=True)
     width, height = png_size(grid.read_bytes())
     assert width > 100 and height > 100
+
+
+# ---- the command ----------------------------------------------------------------------------------------------
+
+
+def test_cli_writes_a_png_to_a_path_with_a_space_and_a_hash(tmp_path, capsys):
+    out = tmp_path / "my pictures" / "window #1.png"
+    code = main(["viz", "sliding_window", "--option", "window=4", "--length", "32", "--query", "17", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0 and printed.strip() == f"wrote {out.resolve()}"
+    assert png_size(out.read_bytes()) == (640, 720)
+    out = tmp_path / "grid #2.png"
+    assert main(["viz", "softmax", "--spatial-shape", "14x14", "--query", "3,5", "--out", str(out)]) == 0
+    assert out.read_bytes()[:8] == PNG_SIGNATURE
+
+
+def test_cli_default_pattern_and_file_name(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["viz", "aaren", "--length", "16"]) == 0  # aaren has causal_self only
+    assert (tmp_path / "aaren-causal_self.png").read_bytes()[:8] == PNG_SIGNATURE
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["viz", "softmax", "--query", "3,5"], "no spatial_shape"),
+        (["viz", "softmax", "--option", "window"], "is not NAME=VALUE"),
+        (["viz", "sliding_window", "--option", "window=4", "--option", "window=5"], "given twice"),
+        (["viz", "softmax", "--head", "9"], "expected 0..3"),
+        (["viz", "sliding_window", "--option", "window=x"], "window='x' is not valid"),
+    ],
+)
+def test_cli_bad_inputs_are_clear_errors(tmp_path, capsys, argv, message):
+    assert main([*argv, "--out", str(tmp_path / "x.png")]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("argv", [["--spatial-shape", "14"], ["--spatial-shape", "14x0"], ["--query", "a,b"],
+                                  ["--length", "8", "--spatial-shape", "2x4"]])  # fmt: skip
+def test_cli_refuses_malformed_arguments(capsys, argv):
+    with pytest.raises(SystemExit) as exit_:
+        main(["viz", "softmax", *argv])
+    assert exit_.value.code == 2 and "attnkit viz: error" in capsys.readouterr().err
+
+
+def test_cli_option_values_parse():
+    assert parse_value("3") == 3 and parse_value("0.5") == 0.5 and parse_value("-2") == -2
+    assert parse_value("true") is True and parse_value("False") is False and parse_value("None") is None
+    assert parse_value("relu") == "relu" and parse_value("7,7") == (7, 7) and parse_value("true,false") == (True, False)
+
+
+def test_cli_help_explains(capsys):
+    with pytest.raises(SystemExit):
+        main(["viz", "--help"])
+    text = capsys.readouterr().out
+    for words in ("one-hot", "--spatial-shape", "--query", "--option", "row-major", "examples:"):
+        assert words in text
