@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import math
+import re
 import struct
 from dataclasses import dataclass
 
@@ -11,12 +13,14 @@ import torch
 
 import attnkit
 from attnkit import viz
+from attnkit.bench.store import Store
 from attnkit.cli import main
 from attnkit.cli.viz import parse_value
 from attnkit.errors import InvalidOption, ShapeError, UnknownMechanism, UnsupportedPattern
 from attnkit.mechanism import REGISTRY, Complexity, Mechanism, Paper, register_mechanism
 from attnkit.ops.reference import upcast_qkv
 from attnkit.patterns import ALL_PATTERNS
+from attnkit.report import build_report
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -280,3 +284,31 @@ def test_cli_help_explains(capsys):
     text = capsys.readouterr().out
     for words in ("one-hot", "--spatial-shape", "--query", "--option", "row-major", "examples:"):
         assert words in text
+
+
+# ---- the report's catalogue ---------------------------------------------------------------------------------------
+
+
+def test_the_report_has_a_thumbnail_per_attention_mechanism(tmp_path, registered):
+    registered("viz_test_squares", values=lambda v: v * v.abs())  # cannot be drawn: a note, not a crash
+    with Store(tmp_path / "empty.sqlite"):
+        pass
+    html = build_report(tmp_path / "empty.sqlite", tmp_path / "report.html").read_text()
+    section = re.search(r'<section id="catalogue">.*?</section>', html, re.S).group(0)
+    figures = re.findall(r'<figure class="thumb" data-mechanism="([^"]+)">(.*?)</figure>', section, re.S)
+    names = [i.name for i in attnkit.mechanisms(kind="attention")]
+    assert [n for n, _ in figures] == names
+    drawn = 0
+    for name, body in figures:
+        image = re.search(r'src="data:image/png;base64,([^"]+)"', body)
+        if name == "viz_test_squares":
+            assert image is None and "not drawn" in body and "not linear in v" in body
+            continue
+        if image:
+            width, height = png_size(base64.b64decode(image.group(1)))
+            assert (width, height) in ((48 * 3, 48 * 3), (14 * 3, 14 * 3)), name
+            drawn += 1
+        info = attnkit.info(name)
+        assert info.family in body and " ".join(p.short for p in attnkit.Pattern if p in info.patterns) in body
+    assert drawn >= len(names) - 3, "most mechanisms draw (those not linear in v get a note)"
+    assert "http" not in section, "the thumbnails need no network"
