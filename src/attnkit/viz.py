@@ -43,6 +43,8 @@ DEFAULT_HEAD_DIM = 16
 LINEARITY_TOL = 1e-3  # relative: ||out(v1+v2) - out(v1) - out(v2)|| / (||out(v1)|| + ||out(v2)||)
 CMAP = "viridis"  # weights >= 0
 CMAP_SIGNED = "RdBu_r"  # weights of both signs (Nyström, linear attention with the identity feature map)
+# one flat square per weight: resampled in RGBA, so blank (NaN) cells leave no seams between their neighbours
+CELLS = {"interpolation": "nearest", "interpolation_stage": "rgba"}
 UNSEEN = "#e8e8e8"  # keys a query does not see (weight exactly 0)
 
 
@@ -323,10 +325,10 @@ def _matrix_figure(w: torch.Tensor, qi: int, title: str, log_scale: bool):
     tq, tk = w.shape
     fig = Figure(figsize=(6.4, 7.2), layout="constrained")
     top, strip = fig.subplots(2, 1, height_ratios=[tq, max(tq / 8, 1)])
-    image = top.imshow(values, cmap=cmap, norm=norm, interpolation="nearest", aspect="auto")
+    image = top.imshow(values, cmap=cmap, norm=norm, **CELLS, aspect="auto")
     top.add_patch(Rectangle((-0.5, qi - 0.5), tk, 1, fill=False, edgecolor="red", linewidth=1.2))
     top.set(title=title, xlabel="key", ylabel="query")
-    strip.imshow(values[qi : qi + 1], cmap=cmap, norm=norm, interpolation="nearest", aspect="auto")
+    strip.imshow(values[qi : qi + 1], cmap=cmap, norm=norm, **CELLS, aspect="auto")
     strip.set(yticks=[], xlabel=f"key (weights of query {qi})")
     fig.colorbar(image, ax=[top, strip], label=label, shrink=0.8)
     return fig
@@ -342,14 +344,15 @@ def _grid_figure(row: torch.Tensor, shape: tuple[int, ...], qi: int, title: str,
     depth = volume.shape[0]
     cols = min(depth, 4)
     rows = math.ceil(depth / cols)
-    fig = Figure(figsize=(2.6 * cols + 1.2, 2.6 * rows + 0.6), layout="constrained")
+    panel = 4.4 if depth == 1 else 2.6  # inches a side: one big 2-D map, or smaller depth slices
+    fig = Figure(figsize=(panel * cols + 1.2, panel * rows + 0.6), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     image = None
     for z, ax in enumerate(axes):
         if z >= depth:
             ax.axis("off")
             continue
-        image = ax.imshow(volume[z], cmap=cmap, norm=norm, interpolation="nearest")
+        image = ax.imshow(volume[z], cmap=cmap, norm=norm, **CELLS)
         if len(shape) == 2 or cell[0] == z:  # the query's cell
             ax.add_patch(Rectangle((cell[-1] - 0.5, cell[-2] - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2))
         if len(shape) == 3:
