@@ -92,6 +92,14 @@ def test_trainable_mechanisms_draw_from_the_seed_and_leave_the_global_rng_alone(
     assert not torch.equal(a, viz.weights("hedgehog", length=16, seed=4))
 
 
+def test_a_built_module_is_drawn_as_it_is_and_keeps_its_mode():
+    mech = attnkit.create("hedgehog", heads=2, head_dim=8)
+    w = viz.weights(mech, length=12, head=1)
+    assert w.shape == (12, 12) and mech.training, "viz left the caller's module in eval mode"
+    with pytest.raises(InvalidOption, match="expected 0..1"):
+        viz.weights(mech, length=12, head=2)
+
+
 def test_an_option_named_like_a_keyword_goes_in_options():
     a = viz.weights("routing", length=32, options={"seed": 1, "num_clusters": 4})
     b = viz.weights("routing", length=32, options={"seed": 2, "num_clusters": 4})

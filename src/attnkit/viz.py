@@ -85,9 +85,14 @@ def weights(
     n, shape = resolve_tokens(mech, length, spatial_shape)
     _check_head(mech, head, heads)
     q, k, gen = _draw_qk(n, heads, head_dim, seed)
-    with torch.no_grad():
-        _check_linear(mech, q, k, gen, pattern=pattern, spatial_shape=shape, path=path)
-        return _one_hot_weights(mech, q, k, pattern=pattern, spatial_shape=shape, path=path)[head]
+    training = mech.training
+    try:  # in eval mode (no dropout), and a module given by the caller goes back to its own mode after
+        with torch.no_grad():
+            mech.eval()
+            _check_linear(mech, q, k, gen, pattern=pattern, spatial_shape=shape, path=path)
+            return _one_hot_weights(mech, q, k, pattern=pattern, spatial_shape=shape, path=path)[head]
+    finally:
+        mech.train(training)
 
 
 def _merge(options: dict[str, Any] | None, more: dict[str, Any]) -> dict[str, Any]:
@@ -164,7 +169,7 @@ def _build(mechanism: str | Mechanism, *, heads: int, head_dim: int, seed: int, 
     else:
         raise InvalidOption(f"mechanism={mechanism!r} is neither a mechanism name nor a Mechanism module")
     _refuse_mixer(type(mech))
-    return mech.eval()
+    return mech
 
 
 def _refuse_mixer(cls: type[Mechanism]) -> None:
