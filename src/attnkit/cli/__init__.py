@@ -8,7 +8,7 @@ import sys
 
 from .. import __version__
 from ..errors import AttnkitError
-from . import bench, catalog
+from . import bench, catalog, viz
 
 PROG_DESCRIPTION = """\
 attnkit: attention mechanisms behind one interface.
@@ -19,6 +19,7 @@ and can decode with state.
 
   attnkit list                 the capability matrix of every mechanism
   attnkit info NAME            one mechanism: paper, patterns, paths, options
+  attnkit viz NAME             a PNG of which keys one query sees, and with what weight
   attnkit bench speed          latency, memory and decoding cost vs SDPA, into an SQLite store
   attnkit bench fidelity       distance of each mechanism from exact softmax
   attnkit report               the HTML report of everything in the store
@@ -35,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     catalog.add_parsers(sub)
+    viz.add_parsers(sub)
     bench.add_parsers(sub)
     return parser
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from .. import __version__
 from ..bench.store import Store
 from ..errors import AttnkitError
-from . import charts, sections
+from . import catalogue, charts, sections
 from .answer import answer
 from .quality import quality
 
@@ -69,6 +69,7 @@ SECTIONS = [
     ("decode", "Decoding cost and state size", sections.decode),
     ("peers", "Peers", sections.peers),
     ("problems", "Skipped, failed and doubtful cases", sections.problems),
+    ("catalogue", "Catalogue: which keys each query sees, per mechanism", catalogue.catalogue),
     ("machine", "Machine and versions", sections.machine),
 ]
 
