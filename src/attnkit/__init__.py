@@ -40,3 +40,12 @@ __all__ = [
     "last_path",
     "mechanisms",
 ]
+
+
+def __getattr__(name: str):
+    """``attnkit.viz`` on first use: it imports matplotlib, which ``import attnkit`` should not pay for."""
+    if name == "viz":
+        import importlib
+
+        return importlib.import_module(".viz", __name__)
+    raise AttributeError(f"module 'attnkit' has no attribute {name!r}")
