@@ -115,7 +115,7 @@ class CSWin(Mechanism):
         if self.options.lepe:
             out = out + from_grid(self._lepe_reference(x, split))
         sees_a_key = visibility(x, pred).any(-1).transpose(1, 2)[..., None]  # [B, T, H, 1]
-        out = torch.where(sees_a_key, out, torch.zeros((), dtype=out.dtype))
+        out = torch.where(sees_a_key, out, torch.zeros((), dtype=out.dtype, device=out.device))
         return out.to(x.q.dtype), None
 
     def _lepe_reference(self, x: AttentionInputs, split: int) -> torch.Tensor:
@@ -124,9 +124,10 @@ class CSWin(Mechanism):
         sw = self.options.stripe
         v = to_grid(repeat_kv(x.v, x.groups).to(compute_dtype(x.q.dtype)), (h, w))  # [B, h, w, H, Dv]
         weight, bias = self.lepe_weight.to(v.dtype), self.lepe_bias.to(v.dtype)  # [H, Dv, 3, 3], [H, Dv]
-        rows = torch.arange(h).view(h, 1, 1)  # [h, 1, 1]
-        cols = torch.arange(w).view(1, w, 1)  # [1, w, 1]
-        horizontal = (torch.arange(x.heads) < split).view(1, 1, -1)  # [1, 1, H]
+        device = v.device
+        rows = torch.arange(h, device=device).view(h, 1, 1)  # [h, 1, 1]
+        cols = torch.arange(w, device=device).view(1, w, 1)  # [1, w, 1]
+        horizontal = (torch.arange(x.heads, device=device) < split).view(1, 1, -1)  # [1, 1, H]
         padded = F.pad(v, (0, 0, 0, 0, 1, 1, 1, 1))  # [B, h+2, w+2, H, Dv]: zeros around the grid
         out = bias.expand_as(v).clone()
         for a in (-1, 0, 1):
@@ -134,7 +135,7 @@ class CSWin(Mechanism):
                 neighbour = padded[:, 1 + a : 1 + a + h, 1 + b : 1 + b + w]  # v[r + a, c + b]
                 in_stripe = torch.where(horizontal, (rows + a) // sw == rows // sw, (cols + b) // sw == cols // sw)
                 tap = weight[:, :, a + 1, b + 1] * neighbour  # [B, h, w, H, Dv]
-                out = out + torch.where(in_stripe[..., None], tap, torch.zeros((), dtype=tap.dtype))
+                out = out + torch.where(in_stripe[..., None], tap, torch.zeros((), dtype=tap.dtype, device=device))
         return out
 
     # ---- fast path: stripes as batched SDPA calls ------------------------------------------------------
@@ -160,8 +161,8 @@ class CSWin(Mechanism):
         """Attention within bands of ``stripe`` rows of ``[B, n, m, Hg, D]`` grids, one SDPA call over all bands;
         the grid is padded to whole bands with masked keys (``transposed``: the grid is the caller's with its axes
         swapped, so LePE's taps are too). Returns ``[B, n, m, Hg, Dv]`` in the compute dtype."""
-        sw = self.options.stripe
         b, n, m, hg, _ = q.shape
+        sw = min(self.options.stripe, n)  # a stripe at least as wide as the grid is the whole grid: no padding
         dv = v.shape[-1]
         if real is None and n % sw:
             real = torch.ones(b, n, m, dtype=torch.bool, device=q.device)
