@@ -21,7 +21,9 @@ temperature tau. Choices where the papers leave room:
 - GQA: the matrix depends on k and v only, so it is computed once per key/value head and shared by the query
   heads of its group (the same as repeating k and v).
 - It works on any sequence (no grid), so ``spatial = False``: ``spatial_shape`` may be passed and is only
-  checked. Neither pattern is causal: the matrix mixes every token, so causal patterns are undefined.
+  checked. Causal patterns are not offered: the papers define none (a running sum of K^T V would give a causal
+  form, as in linear attention, but not theirs), and ``causal_cross`` would equal ``noncausal_cross`` here (the
+  queries never meet each other) but is left out as in the catalogue.
 """
 
 from __future__ import annotations
