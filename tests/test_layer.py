@@ -201,8 +201,10 @@ def test_every_option_reaches_the_mechanism_through_the_layer(case):
     expected = attnkit.create(case.mechanism, heads=4, head_dim=8, **case.options).options
     assert layer.mechanism.options == expected
     assert all(getattr(layer.mechanism.options, k) == getattr(expected, k) for k in case.options)
-    x = torch.randn(2, 5, 32)
-    assert layer(x, None if pattern.is_self else torch.randn(2, 6, 32)).shape == (2, 5, 32)
+    grid = case.grid(6) if case.spatial_dims else None  # a spatial mechanism runs on a grid of the 6 tokens
+    x = torch.randn(2, 6, 32)
+    out = layer(x, None if pattern.is_self else torch.randn(2, 7, 32), spatial_shape=grid)
+    assert out.shape == (2, 6, 32)
 
 
 def test_sigmoid_bias_and_sqa_query_heads_reach_the_mechanism():
