@@ -103,3 +103,14 @@ def test_every_fidelity_case_can_be_built():
                 **{k: v for k, v in case.options if v is not None},
             )
     assert len({m for m, _ in seen}) >= 10
+
+
+def test_spatial_mechanisms_are_timed_on_square_images():
+    from attnkit.bench.cases import speed_cases
+    from attnkit.bench.fidelity import fidelity_cases
+
+    cases = [c for c in speed_cases(names="cswin", lengths=(256, 300), modes=("fwd", "decode"), decode_lengths=(256,))
+             if c.mechanism == "cswin"]  # fmt: skip
+    assert {(c.tokens, c.mode) for c in cases} == {(256, "fwd")}  # 300 is no square; a grid decodes by rows
+    assert cases[0].spatial_shape == (16, 16)
+    assert {c.tokens for c in fidelity_cases("cswin", lengths=(256, 300))} == {256}
