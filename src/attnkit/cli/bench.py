@@ -20,6 +20,7 @@ from ..bench.fidelity import fidelity_cases
 from ..bench.runner import Budget, Summary, available_memory, run_cases
 from ..bench.store import DEFAULT_DB, RESULT_COLUMNS, Store
 from ..errors import AttnkitError
+from ..options import MAX_HEAD_DIM, MAX_HEADS
 from ..patterns import Pattern
 from ..report import build_report
 
@@ -117,6 +118,8 @@ def _speed(args: argparse.Namespace) -> Summary:
         modes=tuple(args.modes or preset.modes),
         device=device,
         runs=args.runs or preset.runs,
+        heads=args.heads,
+        head_dim=args.head_dim,
     )
     cases = speed_cases(names=args.mechanisms, decode_lengths=flatten(args.decode_lengths) or preset.decode_lengths,
                         **common)  # fmt: skip
@@ -224,6 +227,7 @@ def speed_summary(db: str) -> str:
 def cmd_demo(args: argparse.Namespace) -> int:
     args.preset, args.lengths, args.dtypes, args.modes, args.decode_lengths = "quick", None, None, None, None
     args.patterns, args.runs, args.threads, args.device, args.peers = None, None, None, None, False
+    args.heads, args.head_dim = 8, 64
     args.time_budget, args.memory_budget, args.wait_quiet = None, None, False
     print(
         "attnkit demo: the quick benchmark (every mechanism and pattern, T = 256, 1K, 4K, forward, fp32),"
@@ -304,6 +308,10 @@ def add_parsers(sub) -> None:
     p.add_argument("--modes", nargs="+", choices=MODES, help="fwd, fwdbwd, decode (default: the preset's)")
     p.add_argument("--decode-lengths", nargs="+", type=int_list(MAX_TOKENS), metavar="T", help="contexts for decode")
     p.add_argument("--device", choices=["cpu", "cuda"], help="default: the preset's")
+    p.add_argument("--heads", type=lambda t: positive_int(t, MAX_HEADS), default=8, metavar="H",
+                   help="attention heads of every case (default: 8)")  # fmt: skip
+    p.add_argument("--head-dim", type=lambda t: positive_int(t, MAX_HEAD_DIM), default=64, metavar="D",
+                   help="head dimension of every case (default: 64)")  # fmt: skip
     p.add_argument(
         "--runs",
         type=lambda t: positive_int(t, MAX_RUNS),
