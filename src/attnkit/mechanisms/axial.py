@@ -29,7 +29,7 @@ from ..errors import ShapeError
 from ..inputs import AttentionInputs
 from ..mechanism import Complexity, Mechanism, Paper, Shape, fast_path, register_mechanism
 from ..ops.masking import masked_softmax, visibility
-from ..ops.reference import upcast_qkv
+from ..ops.reference import compute_dtype, upcast_qkv
 from ..ops.sdpa import sdpa
 from ..ops.spatial import to_grid
 from ..patterns import MaskPredicate, Pattern
@@ -109,7 +109,8 @@ class Axial(Mechanism):
         q = to_grid(x.q, shape)  # [B, *S, Hq, Dk]
         k, v = to_grid(x.k, kshape), to_grid(x.v, kshape)  # [B, *S', Hkv, D] (S' counts the cached slices)
         valid = None if x.key_padding_mask is None else x.key_padding_mask.view(b, *kshape)  # [B, *S']
-        total = torch.zeros((*x.q.shape[:3], x.v.shape[-1]), dtype=torch.float32, device=x.q.device)
+        acc = compute_dtype(x.q.dtype)  # the per-axis outputs add up in fp32 (fp64 stays fp64)
+        total = torch.zeros((*x.q.shape[:3], x.v.shape[-1]), dtype=acc, device=x.q.device)  # [B, Tq, Hq, Dv]
         for axis in range(dims):
             # along the leading axis the keys are every slice; along the others, the query's own slices
             sl = slice(None) if axis == 0 else slice(before, None)
@@ -118,7 +119,7 @@ class Axial(Mechanism):
             out = self._lines(_along(q, dims, axis), kl, vl, vis, x.scale, causal, before if axis == 0 else 0)
             lines = q.movedim(1 + axis, dims).shape[: dims + 1]  # [B, other axes..., size along axis]
             out = out.view(*lines, *out.shape[-2:]).movedim(dims, 1 + axis)  # [B, *S, Hq, Dv]
-            total = total + out.reshape(total.shape).float()
+            total = total + out.reshape(total.shape).to(acc)
         return (total / dims).to(x.q.dtype), None
 
     @staticmethod
