@@ -136,6 +136,8 @@ def test_tokens_wrapped_by_the_shift_see_only_their_own_region():
         ({"window_size": 4, "shift_size": 2}, ["shift_size=2", "shift=True"]),
         ({"window_size": 4, "shift": True, "halo": 1}, ["shift=True", "halo=1"]),
         ({"halo": -1}, ["halo=-1", ">= 0"]),
+        ({"window_size": 4, "shift": True, "shift_size": 4}, ["shift_size=4", "smaller than window_size=4"]),
+        ({"window_size": (4, 2), "shift": True, "shift_size": 2}, ["shift_size=2", "window_size=(4, 2)"]),
         ({"shift": 1}, ["shift=1", "True or False"]),
         ({"windows": 4}, ["'windows'", "window_size"]),
     ],
@@ -153,9 +155,9 @@ def test_bad_grids_are_refused_before_compute():
         mech(q, k, v, pattern="noncausal_self", spatial_shape=(2, 3, 4))
     with pytest.raises(ShapeError, match=r"\(1, 2, 3\)"):
         attnkit.create("window")(q, k, v, pattern="noncausal_self", spatial_shape=(1, 2, 3, 4))
-    with pytest.raises(InvalidOption, match="shift_size"):
-        attnkit.create("window", window_size=3, shift=True, shift_size=3)(
-            q, k, v, pattern="noncausal_self", spatial_shape=(4, 6)
+    with pytest.raises(ShapeError, match=r"shift_size=\(1, 1\) has 2 sizes .* 3 axes"):
+        attnkit.create("window", window_size=3, shift=True, shift_size=(1, 1))(
+            q, k, v, pattern="noncausal_self", spatial_shape=(2, 3, 4)
         )
 
 

@@ -17,6 +17,8 @@ Choices where the papers are vague, on grids of 1, 2 or 3 axes (``spatial_dims =
   tokens of its own region, so tokens wrapped around from the far border do not mix with their new
   neighbours), and rolled back. As in Swin, an axis the window covers whole (size <= window) is not shifted.
 - ``halo`` and ``shift`` do not combine (neither paper defines it): asking for both is an error.
+- Swin's learned relative position bias and HaloNet's relative embeddings are trainable parts of their layers,
+  not of this parameter-free mechanism: they are not included.
 - A query whose keys are all padded outputs 0.
 
 The ``windowed`` path cuts the grid into windows (HaloNet: windows of keys ``window + 2 * halo`` wide,
@@ -57,6 +59,17 @@ def _check_sizes(name: str, value: SizeOption | None, minimum: int) -> None:
         check_int("window", name, value, minimum=minimum)
 
 
+def _check_shift_within_window(shift: SizeOption, window: SizeOption) -> None:
+    """Each shift smaller than its window, where the sizes line up (one int, or tuples of one length)."""
+    shifts, windows = (shift,) if isinstance(shift, int) else shift, (window,) if isinstance(window, int) else window
+    if len(shifts) != len(windows) and 1 not in (len(shifts), len(windows)):
+        return  # per-axis sizes for different ranks: the call's grid decides, and refuses
+    n = max(len(shifts), len(windows))
+    pairs = zip(shifts * (n // len(shifts)), windows * (n // len(windows)), strict=True)
+    if any(s >= w for s, w in pairs):
+        raise InvalidOption(f"window option shift_size={shift!r} must be smaller than window_size={window!r}")
+
+
 @dataclass(frozen=True)
 class WindowOptions:
     window_size: int | tuple[int, ...] = 7  # window side (Swin) / block side (HaloNet): one int or one per axis
@@ -76,6 +89,8 @@ class WindowOptions:
             raise InvalidOption(f"window option shift={self.shift!r} is not valid; expected True or False")
         if self.shift_size is not None and not self.shift:
             raise InvalidOption(f"window option shift_size={self.shift_size!r} needs shift=True (got shift=False)")
+        if self.shift and self.shift_size is not None:
+            _check_shift_within_window(self.shift_size, self.window_size)
         if self.shift and self.halo:
             raise InvalidOption(
                 f"window options shift=True and halo={self.halo} do not combine: Swin shifts windows, "
