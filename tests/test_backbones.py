@@ -7,7 +7,7 @@ import torch
 
 import attnkit
 from attnkit import InvalidOption, Pattern, UnsupportedPattern
-from attnkit.nn import CausalLM, EncoderClassifier, EncoderDecoder
+from attnkit.nn import CausalLM, Encoder, EncoderClassifier, EncoderDecoder
 from attnkit.testing import assert_close
 
 FAMILIES = ["softmax", "linear", "sliding_window", "retention", "hedgehog"]  # exact, kernel, local, decay, trainable
@@ -64,6 +64,10 @@ def test_causal_lm_over_the_registry(mechanism):
     """Every mechanism with causal_self trains a step; the others are refused at construction by name."""
     if Pattern.CAUSAL_SELF not in attnkit.info(mechanism).patterns:
         with pytest.raises(UnsupportedPattern, match=f"CausalLM needs pattern causal_self.*{mechanism}"):
+            CausalLM(vocab=V, dim=D, depth=1, heads=H, mechanism=mechanism)
+        return
+    if attnkit.info(mechanism).spatial:  # a grid mechanism: the sequence model refuses it and points to the ViT
+        with pytest.raises(InvalidOption, match=f"CausalLM feeds token sequences.*{mechanism}.*ViT"):
             CausalLM(vocab=V, dim=D, depth=1, heads=H, mechanism=mechanism)
         return
     model = CausalLM(vocab=V, dim=D, depth=1, heads=H, mechanism=mechanism, conv_kernel=3)
@@ -185,3 +189,10 @@ def test_backbone_argument_errors():
 def test_built_in_three_lines():
     model = attnkit.nn.CausalLM(vocab=128, dim=64, depth=2, heads=4, mechanism="linear")
     assert model(torch.randint(0, 128, (1, 16))).shape == (1, 16, 128)
+
+
+def test_sequence_backbones_refuse_a_spatial_mechanism():
+    with pytest.raises(InvalidOption, match="EncoderClassifier feeds token sequences.*'window'.*ViT"):
+        EncoderClassifier(5, vocab=V, dim=D, depth=1, heads=H, mechanism="window")
+    with pytest.raises(InvalidOption, match="Encoder feeds token sequences.*'axial'"):
+        Encoder(vocab=V, dim=D, depth=1, heads=H, mechanism="axial")

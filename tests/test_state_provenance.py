@@ -14,7 +14,7 @@ import pytest
 import attnkit
 from attnkit.errors import InvalidOption, ShapeError
 from attnkit.state import KVCache
-from attnkit.testing import Case, cases, make_qkv
+from attnkit.testing import Case, SpatialCalls, cases, make_qkv
 
 B, T, HQ, HKV, D = 2, 5, 4, 2, 16
 STATEFUL = [c for c in cases() if c.cls.state_kind is not None]
@@ -36,7 +36,8 @@ def _donor_state(mechanism: str):
 
 
 def _continue(mech, state, *, heads: int = HQ, kv_heads: int = HKV):
-    q, k, v = make_qkv(B, 3, 3, heads, kv_heads, D, seed=7)
+    n = T if isinstance(mech, SpatialCalls) else 3  # a grid continues by whole leading slices of the same size
+    q, k, v = make_qkv(B, n, n, heads, kv_heads, D, seed=7)
     return mech(q, k, v, pattern="causal_self", state=state, return_state=True)
 
 

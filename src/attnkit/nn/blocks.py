@@ -40,6 +40,15 @@ def require_patterns(backbone: str, mechanism: str, patterns: list[Pattern | str
             )
 
 
+def require_sequence(backbone: str, mechanism: str) -> None:
+    """Raise ``InvalidOption`` when a sequence backbone is given a spatial mechanism (it needs a grid)."""
+    if info(mechanism).spatial:
+        raise InvalidOption(
+            f"{backbone} feeds token sequences, but mechanism {mechanism!r} is spatial and needs a grid"
+            " (spatial_shape); use attnkit.nn.ViT or attnkit.nn.HierarchicalViT"
+        )
+
+
 def layer_options(mechanism: str, options: dict[str, Any], index: int, depth: int) -> dict[str, Any]:
     """The mechanism's options for block ``index`` of ``depth``: a mechanism whose options include ``layer``
     and ``layers`` (Lightning Attention's decay grows with depth) gets its place in the stack unless given."""

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..errors import InvalidOption
 from ..patterns import Pattern
-from .blocks import InputEmbedding, ModelState, block_stack, require_patterns
+from .blocks import InputEmbedding, ModelState, block_stack, require_patterns, require_sequence
 
 
 class CausalLM(nn.Module):
@@ -58,6 +58,7 @@ class CausalLM(nn.Module):
     ):
         super().__init__()
         require_patterns("CausalLM", mechanism, [Pattern.CAUSAL_SELF])
+        require_sequence("CausalLM", mechanism)
         if kv_heads is not None:
             options["kv_heads"] = kv_heads
         self.vocab, self.dim, self.positions = vocab, dim, positions

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..errors import InvalidOption, ShapeError
 from ..patterns import Pattern
-from .blocks import InputEmbedding, block_stack, require_patterns
+from .blocks import InputEmbedding, block_stack, require_patterns, require_sequence
 
 POOLING = ("cls", "mean")
 
@@ -45,6 +45,7 @@ class Encoder(nn.Module):
     ):
         super().__init__()
         require_patterns(backbone, mechanism, [Pattern.NONCAUSAL_SELF])
+        require_sequence(backbone, mechanism)
         self.inputs = InputEmbedding(
             dim, vocab=vocab, in_dim=in_dim, positions=positions, max_positions=max_positions, embed_std=embed_std
         )

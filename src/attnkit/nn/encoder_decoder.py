@@ -15,7 +15,7 @@ from torch import nn
 
 from ..errors import InvalidOption, ShapeError
 from ..patterns import Pattern, as_pattern
-from .blocks import InputEmbedding, ModelState, block_stack, require_patterns
+from .blocks import InputEmbedding, ModelState, block_stack, require_patterns, require_sequence
 from .encoder import Encoder
 
 
@@ -64,6 +64,7 @@ class EncoderDecoder(nn.Module):
             raise InvalidOption(f"cross_pattern must be noncausal_cross or causal_cross; got {cross_pattern.value}")
         needed = [Pattern.NONCAUSAL_SELF, Pattern.CAUSAL_SELF, cross_pattern, Pattern.CAUSAL_CROSS]
         require_patterns("EncoderDecoder", mechanism, needed)
+        require_sequence("EncoderDecoder", mechanism)
         out_dim = out_dim or vocab or in_dim
         decoder_depth = depth if decoder_depth is None else decoder_depth
         self.encoder = Encoder(
