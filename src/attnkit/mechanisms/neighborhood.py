@@ -241,13 +241,18 @@ class Neighborhood(Mechanism):
         kernel, dilation = self._per_axis("kernel_size", rank), self._per_axis("dilation", rank)
         return math.prod(axis_pairs(n, kernel[a], dilation[a], causal[a]) for a, n in enumerate(spatial_shape))
 
+    def assumed_grid(self, tokens: int) -> tuple[int, ...]:
+        """The grid ``flops`` (and the FlexAttention peer) take for ``tokens`` when no spatial_shape is known:
+        as square as the divisors allow (64 x 64 for 4096), of the rank the options give per axis (else 2-D)."""
+        options = (self.options.kernel_size, self.options.dilation, self.options.is_causal)
+        ranks = {len(v) for v in options if isinstance(v, tuple)}
+        return _square_grid(tokens, ranks.pop() if ranks else 2)
+
     def flops(self, shape: Shape, pattern: Pattern) -> float:
-        # Shape carries no spatial_shape: the grid is taken as square as T's divisors allow (64 x 64 for
-        # T = 4096), of the rank the options give per axis (2-D when they are single values)
-        ranks = {len(v) for v in (self.options.kernel_size, self.options.dilation, self.options.is_causal)
-                 if isinstance(v, tuple)}  # fmt: skip
-        grid = _square_grid(shape.tq, ranks.pop() if ranks else 2)
-        return 2.0 * shape.batch * shape.heads * self.pairs(grid, pattern) * (shape.dk + shape.dv)
+        # Shape carries no spatial_shape: the pairs are counted on assumed_grid(T)
+        return (
+            2.0 * shape.batch * shape.heads * self.pairs(self.assumed_grid(shape.tq), pattern) * (shape.dk + shape.dv)
+        )
 
     def mask_predicate(self, pattern: Pattern | str, spatial_shape: tuple[int, ...]) -> MaskPredicate:
         """The neighbourhood of a whole grid as a mask predicate on token positions (for FlexAttention)."""
