@@ -36,7 +36,9 @@ def _donor_state(mechanism: str):
 
 
 def _continue(mech, state, *, heads: int = HQ, kv_heads: int = HKV):
-    q, k, v = make_qkv(B, 3, 3, heads, kv_heads, D, seed=7)
+    # a grid continues by whole leading slices: T more tokens are one more slice of the grid T tokens make
+    n = T if getattr(getattr(mech, "case", None), "spatial_dims", 0) else 3
+    q, k, v = make_qkv(B, n, n, heads, kv_heads, D, seed=7)
     return mech(q, k, v, pattern="causal_self", state=state, return_state=True)
 
 
@@ -54,7 +56,9 @@ def test_state_of_another_mechanism_is_refused(case):
 
 @pytest.mark.parametrize("name", WITH_OPTION_SETS)
 def test_state_of_other_options_is_refused(name):
-    first, second = (Case(name, dict(o)) for o in _examples(name)[:2])
+    cls = attnkit.mechanism.REGISTRY.get(name)
+    rank = cls.spatial_dims[0] if cls.spatial else 0  # a spatial mechanism is called on a grid
+    first, second = (Case(name, dict(o), rank) for o in _examples(name)[:2])
     for made, used in ((first, second), (second, first)):
         with pytest.raises(InvalidOption) as err:
             _continue(used.build(HQ, D), _state(made))
