@@ -11,8 +11,8 @@ is set up to compute the same thing where that is possible:
   (block_sparse) / ``flex-attention-dilated`` (dilated) / ``flex-attention-neighborhood`` (neighborhood):
   exact, with attnkit's own mask predicates (the mechanism's ``mask_predicate``, random-block draw captured
   as a tensor; a fixed seed so both draw alike). On CPU it runs only compiled, forward only; it is compiled
-  while being built. A case carries no spatial_shape: neighborhood's grid is ``assumed_grid(T)`` (64 x 64 at
-  T = 4096), the grid its ``flops`` count on.
+  while being built. ``flex-attention-neighborhood`` runs on the case's square image (``case.spatial_shape``,
+  64 x 64 at T = 4096), as attnkit's own spatial cases do; other lengths are left out.
 - ``performer-pytorch``: ``FastAttention`` (FAVOR+); causal without the CUDA extension is the package's
   chunked prefix-sum fallback. Its key stabiliser is a max over all keys, also when causal (cancels).
 - ``reformer-pytorch``: ``LSHAttention`` is shared-QK (keys = normalised queries, ``k`` unused; a token
@@ -125,6 +125,10 @@ def _counterpart_flops(case: Case) -> float:
     return mech.flops(case.shape(), as_pattern(case.pattern))
 
 
+def _square_check(case: Case) -> str | None:
+    return None if case.spatial_shape else f"runs on a square image; Tq={case.tq} is not a square"
+
+
 def _window_check(case: Case) -> str | None:
     return None if _opt(case, "window") >= 2 else "needs window >= 2 (local-attention's window_size is window - 1)"
 
@@ -141,7 +145,7 @@ def _flex_build(case: Case, q, k, v, grad: bool) -> Forward:
         heads = case.heads if mech.head_dependent() else None
     elif case.mechanism == "neighborhood":
         mech = create("neighborhood", **case.options)
-        pred = mech.mask_predicate(case.pattern, mech.assumed_grid(case.tq))  # the leading axis causal in CS
+        pred = mech.mask_predicate(case.pattern, case.spatial_shape)  # causal_self: causal along the rows
     else:
         pred = causal if case.pattern == CS else None  # causal_cross restricts no key for softmax
     block_mask = None
@@ -388,6 +392,7 @@ PEERS: dict[str, PeerSpec] = {
         _counterpart_flops,
         _NEIGHBORHOOD,
         cpu_fwd_only=True,
+        check=_square_check,
     ),
     # FAVOR+ is query-independent without causal masking, so causal_cross is noncausal_cross's computation
     "performer-pytorch": PeerSpec(

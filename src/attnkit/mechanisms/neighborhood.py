@@ -242,8 +242,8 @@ class Neighborhood(Mechanism):
         return math.prod(axis_pairs(n, kernel[a], dilation[a], causal[a]) for a, n in enumerate(spatial_shape))
 
     def assumed_grid(self, tokens: int) -> tuple[int, ...]:
-        """The grid ``flops`` (and the FlexAttention peer) take for ``tokens`` when no spatial_shape is known:
-        as square as the divisors allow (64 x 64 for 4096), of the rank the options give per axis (else 2-D)."""
+        """The grid ``flops`` counts on for ``tokens`` (``Shape`` carries no spatial_shape): as square as the divisors
+        allow (64 x 64 for 4096, the benchmark's square image), of the rank the options give per axis (else 2-D)."""
         options = (self.options.kernel_size, self.options.dilation, self.options.is_causal)
         ranks = {len(v) for v in options if isinstance(v, tuple)}
         return _square_grid(tokens, ranks.pop() if ranks else 2)
