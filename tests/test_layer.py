@@ -202,7 +202,8 @@ def test_every_option_reaches_the_mechanism_through_the_layer(case):
     assert layer.mechanism.options == expected
     assert all(getattr(layer.mechanism.options, k) == getattr(expected, k) for k in case.options)
     x = torch.randn(2, 5, 32)
-    assert layer(x, None if pattern.is_self else torch.randn(2, 6, 32)).shape == (2, 5, 32)
+    grid = {"spatial_shape": case.grid(5)} if case.spatial_dims else {}  # a spatial mechanism's tokens on a grid
+    assert layer(x, None if pattern.is_self else torch.randn(2, 6, 32), **grid).shape == (2, 5, 32)
 
 
 def test_sigmoid_bias_and_sqa_query_heads_reach_the_mechanism():
