@@ -55,7 +55,9 @@ def test_state_of_another_mechanism_is_refused(case):
 
 @pytest.mark.parametrize("name", WITH_OPTION_SETS)
 def test_state_of_other_options_is_refused(name):
-    first, second = (Case(name, dict(o)) for o in _examples(name)[:2])
+    cls = attnkit.mechanism.REGISTRY.get(name)
+    rank = cls.spatial_dims[0] if cls.spatial else 0  # a spatial mechanism is called on a grid
+    first, second = (Case(name, dict(o), rank) for o in _examples(name)[:2])
     for made, used in ((first, second), (second, first)):
         with pytest.raises(InvalidOption) as err:
             _continue(used.build(HQ, D), _state(made))

@@ -8,9 +8,11 @@ is set up to compute the same thing where that is possible:
   ``autopad=True``, plus a key mask in noncausal mode to hide autopad's zero keys. Its usual setting
   (``window_size=W``, not exact) sees whole blocks instead: W to 2W keys (noncausal up to 3W).
 - ``flex-attention`` (softmax) / ``flex-attention-window`` (sliding_window) / ``flex-attention-block-sparse``
-  (block_sparse) / ``flex-attention-dilated`` (dilated): exact, with attnkit's own mask predicates (the
-  mechanism's ``mask_predicate``, random-block draw captured as a tensor; a fixed seed so both draw alike).
-  On CPU it runs only compiled, forward only; it is compiled while being built.
+  (block_sparse) / ``flex-attention-dilated`` (dilated) / ``flex-attention-neighborhood`` (neighborhood):
+  exact, with attnkit's own mask predicates (the mechanism's ``mask_predicate``, random-block draw captured
+  as a tensor; a fixed seed so both draw alike). On CPU it runs only compiled, forward only; it is compiled
+  while being built. ``flex-attention-neighborhood`` runs on the case's square image (``case.spatial_shape``,
+  64 x 64 at T = 4096), as attnkit's own spatial cases do; other lengths are left out.
 - ``performer-pytorch``: ``FastAttention`` (FAVOR+); causal without the CUDA extension is the package's
   chunked prefix-sum fallback. Its key stabiliser is a max over all keys, also when causal (cancels).
 - ``reformer-pytorch``: ``LSHAttention`` is shared-QK (keys = normalised queries, ``k`` unused; a token
@@ -123,6 +125,10 @@ def _counterpart_flops(case: Case) -> float:
     return mech.flops(case.shape(), as_pattern(case.pattern))
 
 
+def _square_check(case: Case) -> str | None:
+    return None if case.spatial_shape else f"runs on a square image; Tq={case.tq} is not a square"
+
+
 def _window_check(case: Case) -> str | None:
     return None if _opt(case, "window") >= 2 else "needs window >= 2 (local-attention's window_size is window - 1)"
 
@@ -137,6 +143,9 @@ def _flex_build(case: Case, q, k, v, grad: bool) -> Forward:
         mech = create(case.mechanism, heads=case.heads, head_dim=case.head_dim, **case.options)
         pred = mech.mask_predicate(case.pattern, case.tk)  # causality included where the pattern has it
         heads = case.heads if mech.head_dependent() else None
+    elif case.mechanism == "neighborhood":
+        mech = create("neighborhood", **case.options)
+        pred = mech.mask_predicate(case.pattern, case.spatial_shape)  # causal_self: causal along the rows
     else:
         pred = causal if case.pattern == CS else None  # causal_cross restricts no key for softmax
     block_mask = None
@@ -315,6 +324,7 @@ _WINDOW = dict(BENCH_OPTIONS.get("sliding_window", {"window": 256}))
 _FLEX_LAYOUTS = ("block_sparse", "dilated")  # mechanisms whose FlexAttention peer takes their mask_predicate
 _BLOCK_SPARSE = dict(BENCH_OPTIONS.get("block_sparse", {"seed": 0}))
 _DILATED = dict(BENCH_OPTIONS.get("dilated", {}))
+_NEIGHBORHOOD = dict(BENCH_OPTIONS.get("neighborhood", {"kernel_size": 7}))
 PEERS: dict[str, PeerSpec] = {
     "local-attention": PeerSpec(
         "local-attention",
@@ -371,6 +381,18 @@ PEERS: dict[str, PeerSpec] = {
         _counterpart_flops,
         _DILATED,
         cpu_fwd_only=True,
+    ),
+    "flex-attention-neighborhood": PeerSpec(
+        "torch",
+        "torch.nn.attention.flex_attention",
+        "neighborhood",
+        frozenset({NS, CS}),
+        KERNEL,
+        _flex_build,
+        _counterpart_flops,
+        _NEIGHBORHOOD,
+        cpu_fwd_only=True,
+        check=_square_check,
     ),
     # FAVOR+ is query-independent without causal masking, so causal_cross is noncausal_cross's computation
     "performer-pytorch": PeerSpec(
