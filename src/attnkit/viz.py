@@ -12,10 +12,12 @@ reformer, sea, bilevel_routing, dynamic_mask, ...) routes by q and k, so its pic
 seed shows other keys. A term that acts per channel (a depthwise convolution over v) is read on the
 channel each key lands on, ``j mod head_dim``.
 
-A mechanism that is *not* linear in v would be drawn wrong, so before drawing, linearity is checked on a
-random pair: ``out(v1 + v2) == out(v1) + out(v2)``; a mechanism that fails is refused with
-:class:`~attnkit.errors.InvalidOption`. Token mixers (``kind="mixer"``) have no attention weights and are
-refused too.
+An affine term (a bias added after a convolution of v, as in CSWin's LePE) is allowed: the output at
+``v = 0`` is subtracted from every read-out. A mechanism that is *not* affine in v would be drawn wrong, so
+before drawing this is checked on a random pair: ``out(v1 + v2) + out(0) == out(v1) + out(v2)``; a mechanism
+that fails (channel attention mixes channels by a softmax of k and v; dynamic_mask selects keys by their
+values) is refused with :class:`~attnkit.errors.InvalidOption`. Token mixers (``kind="mixer"``) have no
+attention weights and are refused too.
 """
 
 from __future__ import annotations
@@ -201,17 +203,17 @@ def _run(mech: Mechanism, q, k, v, *, pattern: Pattern, spatial_shape, path: str
 
 
 def _check_linear(mech: Mechanism, q, k, gen: torch.Generator, **call: Any) -> None:
-    """Refuse a mechanism whose output is not linear in v: its one-hot read-out would be a wrong picture."""
+    """Refuse a mechanism whose output is not affine in v: its one-hot read-out would be a wrong picture."""
     v1 = torch.randn(q.shape, generator=gen)  # [1, T, H, Dv = D]
     v2 = torch.randn(v1.shape, generator=gen)
-    o1, o2, o12 = _run(mech, q, k, torch.cat([v1, v2, v1 + v2]), **call)
-    gap = (o12 - o1 - o2).norm().item()
+    o1, o2, o12, o0 = _run(mech, q, k, torch.cat([v1, v2, v1 + v2, torch.zeros_like(v1)]), **call)
+    gap = (o12 + o0 - o1 - o2).norm().item()
     size = o1.norm().item() + o2.norm().item()
     if not math.isfinite(gap) or gap > LINEARITY_TOL * max(size, 1e-12):
         raise InvalidOption(
-            f"{mech.name} is not linear in v on random inputs (||out(v1+v2) - out(v1) - out(v2)|| = {gap:.3g}, "
-            f"{gap / max(size, 1e-12):.3g} of ||out(v1)|| + ||out(v2)||, tolerance {LINEARITY_TOL}), so feeding "
-            "one-hot values would not give its weights; viz cannot draw it"
+            f"{mech.name} is not linear in v on random inputs (||out(v1+v2) + out(0) - out(v1) - out(v2)|| = "
+            f"{gap:.3g}, {gap / max(size, 1e-12):.3g} of ||out(v1)|| + ||out(v2)||, tolerance {LINEARITY_TOL}), "
+            "so feeding one-hot values would not give its weights; viz cannot draw it"
         )
 
 
@@ -220,9 +222,10 @@ def _one_hot_weights(mech: Mechanism, q, k, **call: Any) -> torch.Tensor:
     _, n, heads, d = k.shape
     slices = math.ceil(n / d)
     keys = torch.arange(n)
-    v = torch.zeros(slices, n, heads, d)  # batch row s holds the one-hot values of keys s*D .. s*D + D - 1
-    v[keys // d, keys, :, keys % d] = 1.0
-    out = _run(mech, q, k, v, **call)  # [S, Tq, H, D]: out[s, i, h, c] = weight of key s*D + c
+    v = torch.zeros(slices + 1, n, heads, d)  # batch row s holds the one-hot values of keys s*D .. s*D + D - 1
+    v[keys // d, keys, :, keys % d] = 1.0  # the last row stays 0: the affine part, subtracted
+    out = _run(mech, q, k, v, **call)
+    out = out[:-1] - out[-1:]  # [S, Tq, H, D]: out[s, i, h, c] = weight of key s*D + c
     return out.permute(2, 1, 0, 3).reshape(heads, out.shape[1], slices * d)[..., :n]
 
 
