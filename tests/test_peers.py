@@ -27,6 +27,7 @@ TINY = {
     "flex-attention-block-sparse": {"block": 8, "global_blocks": 1, "window_blocks": 1, "random_blocks": 2},
     "flex-attention-dilated": {"dilation": 3, "heterogeneous": True, "local": 2, "block": 8},
     "flex-attention-neighborhood": {"kernel_size": 3, "dilation": 2},
+    "flex-attention-swin-window": {"window_size": 3, "shift": True},
     "performer-pytorch": {"num_features": 32},
     "reformer-pytorch": {"bucket_size": 8, "n_hashes": 2},
     "routing-transformer": {"num_clusters": 4},
@@ -40,6 +41,7 @@ FLEX = (
     "flex-attention-block-sparse",
     "flex-attention-dilated",
     "flex-attention-neighborhood",
+    "flex-attention-swin-window",
 )
 
 
@@ -119,13 +121,14 @@ def test_flex_matches_attnkit():
         ("flex-attention-dilated", "causal_self", "dilated", TINY["flex-attention-dilated"]),
         ("flex-attention-neighborhood", "noncausal_self", "neighborhood", TINY["flex-attention-neighborhood"]),
         ("flex-attention-neighborhood", "causal_self", "neighborhood", TINY["flex-attention-neighborhood"]),
+        ("flex-attention-swin-window", "noncausal_self", "window", TINY["flex-attention-swin-window"]),
     ]
     for name, pattern, mech, options in checks:
         case = tiny_case(name, pattern, **options)
         fn, flops, (q, k, v) = run(case)
         out = fn().transpose(1, 2)
         assert torch.isfinite(out).all() and flops > 0
-        grid = {"spatial_shape": (8, 8)} if mech == "neighborhood" else {}  # the peer's grid of 64 tokens
+        grid = {"spatial_shape": (8, 8)} if attnkit.info(mech).spatial else {}  # the peer's grid of 64 tokens
         ref = attnkit.attend(q, k, v, mech, pattern=pattern, **case.options, **grid)
         torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 

@@ -8,7 +8,8 @@ is set up to compute the same thing where that is possible:
   ``autopad=True``, plus a key mask in noncausal mode to hide autopad's zero keys. Its usual setting
   (``window_size=W``, not exact) sees whole blocks instead: W to 2W keys (noncausal up to 3W).
 - ``flex-attention`` (softmax) / ``flex-attention-window`` (sliding_window) / ``flex-attention-block-sparse``
-  (block_sparse) / ``flex-attention-dilated`` (dilated) / ``flex-attention-neighborhood`` (neighborhood):
+  (block_sparse) / ``flex-attention-dilated`` (dilated) / ``flex-attention-neighborhood`` (neighborhood) /
+  ``flex-attention-swin-window`` (window):
   exact, with attnkit's own mask predicates (the mechanism's ``mask_predicate``, random-block draw captured
   as a tensor; a fixed seed so both draw alike). On CPU it runs only compiled, forward only; it is compiled
   while being built. ``flex-attention-neighborhood`` runs on the case's square image (``case.spatial_shape``,
@@ -146,6 +147,8 @@ def _flex_build(case: Case, q, k, v, grad: bool) -> Forward:
     elif case.mechanism == "neighborhood":
         mech = create("neighborhood", **case.options)
         pred = mech.mask_predicate(case.pattern, case.spatial_shape)  # causal_self: causal along the rows
+    elif case.mechanism == "window":
+        pred = create("window", **case.options).mask_predicate(case.spatial_shape)  # noncausal only
     else:
         pred = causal if case.pattern == CS else None  # causal_cross restricts no key for softmax
     block_mask = None
@@ -391,6 +394,18 @@ PEERS: dict[str, PeerSpec] = {
         _flex_build,
         _counterpart_flops,
         _NEIGHBORHOOD,
+        cpu_fwd_only=True,
+        check=_square_check,
+    ),
+    "flex-attention-swin-window": PeerSpec(
+        "torch",
+        "torch.nn.attention.flex_attention",
+        "window",
+        frozenset({NS}),
+        KERNEL,
+        _flex_build,
+        _counterpart_flops,
+        dict(BENCH_OPTIONS.get("window", {"window_size": 7})),
         cpu_fwd_only=True,
         check=_square_check,
     ),

@@ -210,8 +210,12 @@ class Window(Mechanism):
 
         return pred
 
+    def mask_predicate(self, spatial_shape: tuple[int, ...]) -> MaskPredicate:
+        """The window rule on a grid of this shape, as a predicate (what FlexAttention's peer runs)."""
+        return self._predicate(self._layout(tuple(spatial_shape)))
+
     def reference(self, x: AttentionInputs):
-        return dense_softmax_attention(x, self._predicate(self._layout(x.spatial_shape))), None
+        return dense_softmax_attention(x, self.mask_predicate(x.spatial_shape)), None
 
     # ---- fast path: windows -> one batched SDPA -------------------------------------------------------
 
