@@ -115,6 +115,22 @@ WRITER = textwrap.dedent("""
 """)
 
 
+def test_a_store_being_created_by_another_process_is_opened(tmp_path):
+    """Another process has written the SQLite header (WAL mode) but not yet its tables: not refused as foreign."""
+    db = tmp_path / "new.sqlite"
+    con = sqlite3.connect(db)
+    con.execute("PRAGMA journal_mode = WAL")
+    con.close()
+    with Store(db) as st:
+        assert st.con.execute("PRAGMA application_id").fetchone()[0] != 0
+    foreign = tmp_path / "foreign.sqlite"
+    con = sqlite3.connect(foreign)
+    con.execute("CREATE TABLE notes (x)")
+    con.close()
+    with pytest.raises(StoreError, match="not an attnkit results database"):
+        Store(foreign)
+
+
 def test_two_processes_writing_at_once(tmp_path):
     db = tmp_path / "shared.sqlite"
     procs = [subprocess.Popen([sys.executable, "-c", WRITER, str(db), name, "300"]) for name in ("a", "b")]

@@ -138,10 +138,14 @@ def _check_file(path: Path) -> None:
     try:
         app = con.execute("PRAGMA application_id").fetchone()[0]
         version = con.execute("PRAGMA user_version").fetchone()[0]
+        tables = con.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0]
     except sqlite3.DatabaseError as err:
         raise StoreError(f"{path} cannot be read as SQLite ({err}); choose another --db") from None
     finally:
         con.close()
+    if app != APPLICATION_ID and tables == 0:
+        return  # an SQLite file with nothing in it: a store another process is creating right now (its WAL
+        # header is written before its tables), or an empty database: either way ours to initialise
     if app != APPLICATION_ID:
         raise StoreError(f"{path} is an SQLite file but not an attnkit results database; choose another --db")
     if version > SCHEMA_VERSION:
