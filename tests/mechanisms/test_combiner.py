@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from largest_tensor import tensor_shapes
 
 import attnkit
 from attnkit.errors import InvalidOption
@@ -98,28 +98,14 @@ def test_future_tokens_never_reach_the_past(path):
         assert not torch.equal(base[:, p:], moved[:, p:])
 
 
-class _Shapes(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.shapes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, tuple | list) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.shapes.append(tuple(t.shape))
-        return out
-
-
 def test_blocked_path_never_builds_a_t_by_t_tensor():
     t = 512
     q, k, v = make_qkv(1, t, t, 2, 2, 8)
     mech = attnkit.create("combiner", block=16)
-    with _Shapes() as seen:
-        mech(q, k, v, pattern="noncausal_self", path="blocked")
-    big = [s for s in seen.shapes if sum(1 for n in s if n >= t) >= 2]
+    shapes = tensor_shapes(lambda: mech(q, k, v, pattern="noncausal_self", path="blocked"))
+    big = [s for s in shapes if sum(1 for n in s if n >= t) >= 2]
     assert not big, f"tensors with two sequence-long dims: {big[:3]}"
-    assert max(math.prod(s) for s in seen.shapes) < t * t * 2  # scores are [.., T/block, block, block + T/block]
+    assert max(math.prod(s) for s in shapes) < t * t * 2  # scores are [.., T/block, block, block + T/block]
 
 
 @pytest.mark.parametrize("bad", [0, -3, 2**70, 2.5, "8", True])

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from largest_tensor import tensor_shapes
 
 import attnkit
 from attnkit.errors import InvalidOption
@@ -127,29 +127,14 @@ def test_draw_depends_on_the_real_keys_not_on_padding_or_queries():
     assert torch.equal(m_short.index, m_pad.index)
 
 
-class _Shapes(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.shapes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, tuple | list) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.shapes.append(tuple(t.shape))
-        return out
-
-
 def test_gather_path_never_builds_a_queries_by_keys_tensor():
     tq, tk = 301, 257
     q, k, v = make_qkv(1, tq, tk, 2, 2, 8)
     mech = attnkit.create("probsparse", seed=0)
-    with _Shapes() as seen:
-        mech(q, k, v, pattern="noncausal_cross", path="gather")
-    assert not [s for s in seen.shapes if tq in s and tk in s]
-    with _Shapes() as seen:
-        mech(q, k, v, pattern="noncausal_cross", path="reference")
-    assert [s for s in seen.shapes if tq in s and tk in s]  # the check would see one
+    shapes = tensor_shapes(lambda: mech(q, k, v, pattern="noncausal_cross", path="gather"))
+    assert not [s for s in shapes if tq in s and tk in s]
+    shapes = tensor_shapes(lambda: mech(q, k, v, pattern="noncausal_cross", path="reference"))
+    assert [s for s in shapes if tq in s and tk in s]  # the check would see one
 
 
 @pytest.mark.parametrize(("name", "bad"), [("factor", 0), ("factor", -1), ("factor", 2**70), ("factor", 1.5),

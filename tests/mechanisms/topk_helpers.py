@@ -5,30 +5,14 @@ from __future__ import annotations
 import math
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from largest_tensor import largest_tensor
 
 from attnkit.testing import make_qkv
 
 
-class LargestTensor(TorchDispatchMode):
-    """Records the largest number of elements of any tensor an op produced while active."""
-
-    def __init__(self):
-        super().__init__()
-        self.largest = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in out if isinstance(out, tuple | list) else (out,):
-            if isinstance(t, torch.Tensor):
-                self.largest = max(self.largest, t.numel())
-        return out
-
-
-def largest_tensor(mech, q, k, v, pattern: str, path: str) -> int:
-    with torch.no_grad(), LargestTensor() as rec:
-        mech(q, k, v, pattern=pattern, path=path)
-    return rec.largest
+def largest_call_tensor(mech, q, k, v, pattern: str, path: str) -> int:
+    """Elements of the largest tensor one attention call produces."""
+    return largest_tensor(lambda: mech(q, k, v, pattern=pattern, path=path))[0]
 
 
 def softmax_over(q, k, v, allowed, bias=None):
