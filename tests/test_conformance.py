@@ -35,7 +35,7 @@ STATE_GRID = [
 ]
 # every path, the reference included
 PATH_GRID = [
-    (case, pattern, "reference") for case in CASES for pattern in sorted(case.cls.patterns, key=lambda p: p.value)
+    (case, pattern, "reference") for case in CASES for pattern in sorted(case.patterns, key=lambda p: p.value)
 ] + GRID
 B, HQ, HKV = 2, 4, 2
 # (Tq, Tk, D): odd lengths, two head dims; cross shapes have Tq != Tk in both directions
@@ -128,7 +128,7 @@ def test_pattern_contract(item):
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.label)
 def test_unsupported_patterns_raise(case):
     mech = case.build(HQ, 16)
-    missing = [p for p in Pattern if p not in case.cls.patterns]
+    missing = [p for p in Pattern if p not in case.patterns]
     for pattern in missing:
         q, k, v = make_qkv(1, 8, 8, HQ, HKV, 16)
         for path in ["auto", "reference"]:
@@ -136,7 +136,7 @@ def test_unsupported_patterns_raise(case):
                 mech(q, k, v, pattern=pattern, path=path)
             msg = str(err.value)
             assert case.mechanism in msg and pattern.value in msg
-            assert all(p.value in msg for p in case.cls.patterns), msg
+            assert all(p.value in msg for p in case.patterns), msg
 
 
 @pytest.mark.parametrize("autograd", [True, False], ids=["grad", "nograd"])
@@ -293,7 +293,7 @@ def test_spatial_shape_must_hold_the_tokens(case):
     from attnkit.errors import ShapeError
 
     mech = case.build(HQ, 16)
-    pattern = sorted(case.cls.patterns, key=lambda p: not p.is_self)[0]
+    pattern = sorted(case.patterns, key=lambda p: not p.is_self)[0]
     q, k, v = make_qkv(1, 12, 12, HQ, HKV, 16)
     for bad in [(5, 3), (12, 2), (0, 12), None]:
         with pytest.raises(ShapeError, match="spatial_shape"):
@@ -426,7 +426,7 @@ def test_bad_inputs_raise_clear_errors(case):
     from attnkit.errors import InvalidOption, ShapeError
 
     mech = case.build(4, 16)
-    pattern = sorted(case.cls.patterns, key=lambda p: not p.is_self)[0]
+    pattern = sorted(case.patterns, key=lambda p: not p.is_self)[0]
     for label, kwargs, error, words in _bad_calls(pattern):
         if label == "negative scale" and not case.cls.uses_scale:
             words = ["does not use a score scale"]
@@ -440,12 +440,12 @@ def test_bad_inputs_raise_clear_errors(case):
             mech(q, k, v, pattern=pattern)
     # decoding state outside causal_self, and a state of the wrong kind
     q, k, v = make_qkv(2, 8, 8, 4, 2, 16)
-    other = [p for p in case.cls.patterns if p is not Pattern.CAUSAL_SELF]
+    other = [p for p in case.patterns if p is not Pattern.CAUSAL_SELF]
     if other:
         expected = "causal_self" if case.cls.state_kind else "no decoding state"
         with pytest.raises(InvalidOption, match=expected):
             mech(q, k, v, pattern=other[0], return_state=True)
-    if Pattern.CAUSAL_SELF in case.cls.patterns and case.cls.state_kind is not None:
+    if Pattern.CAUSAL_SELF in case.patterns and case.cls.state_kind is not None:
         wrong = KVCache.empty(2, 2, 16, 16) if case.cls.state_kind is not KVCache else _recurrent_state()
         with pytest.raises(InvalidOption, match=case.cls.state_kind.__name__):
             mech(q, k, v, pattern="causal_self", state=wrong)

@@ -190,7 +190,7 @@ def test_layer_refuses_bad_context_and_inputs():
 
 
 def _first_pattern(case):
-    return sorted(case.cls.patterns, key=lambda p: (not p.is_self, p.value))[0]
+    return sorted(case.patterns, key=lambda p: (not p.is_self, p.value))[0]
 
 
 @pytest.mark.parametrize("case", [c for c in cases() if c.options], ids=lambda c: c.label)

@@ -59,7 +59,7 @@ def _grid_items():
     """(case, pattern, path) for every supported pattern, with the reference and every fast path."""
     items = []
     for case in CASES:
-        for pattern in sorted(case.cls.patterns, key=lambda p: p.value):
+        for pattern in sorted(case.patterns, key=lambda p: p.value):
             items.append((case, pattern, "reference"))
     return items + pattern_path_grid(CASES)
 
@@ -99,7 +99,7 @@ def test_empty_batch_with_state(case):
 def test_zero_sized_heads_and_head_dims_raise(case):
     """Dk = 0, Dv = 0 and Hq = 0 have no meaning (scale 1/sqrt(Dk), empty heads): ShapeError naming them."""
     mech = case.build(HQ, D)
-    pattern = sorted(case.cls.patterns, key=lambda p: not p.is_self)[0]
+    pattern = sorted(case.patterns, key=lambda p: not p.is_self)[0]
     tk = 6 if pattern.is_self else 7
     q, k, v = make_qkv(2, 6, tk, HQ, HKV, D)
     for label, kwargs, words in [

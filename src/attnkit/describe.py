@@ -40,6 +40,7 @@ class Shape(NamedTuple):
     kv_heads: int
     dk: int
     dv: int
+    grid: tuple[int, ...] | None = None  # the queries' spatial_shape, when the call has one
 
 
 @dataclass(frozen=True)

@@ -177,6 +177,7 @@ def validate(
         check_scale(scale)
 
     spatial_shape = _check_spatial(mech, spatial_shape, tq)
+    _check_grid_form(mech, spatial_shape, pattern)
     if key_padding_mask is not None:
         k, v = zero_padded(k, v, key_padding_mask)
     return AttentionInputs(
@@ -229,6 +230,24 @@ def _check_state(
     # provenance: the same mechanism and options, the same sizes (the one place this is checked)
     state.check_continued_by(mech.provenance(q.shape[0], q.shape[2], k.shape[2], k.shape[3], v.shape[3]))
     mech.check_state(state, k, v)
+
+
+def _check_grid_form(mech: MechanismLike, spatial_shape: tuple[int, ...] | None, pattern: Pattern) -> None:
+    """A sequence mechanism with a grid form takes a grid of its ranks, in the patterns that form is defined for."""
+    ranks = getattr(mech, "grid_dims", ())
+    if mech.spatial or not ranks or spatial_shape is None or len(spatial_shape) == 1:
+        return  # a 1-D grid is the sequence itself
+    if len(spatial_shape) not in ranks:
+        raise ShapeError(
+            f"{mech.name} has a grid form for {'/'.join(f'{r}-D' for r in ranks)} grids; got spatial_shape "
+            f"{spatial_shape} ({len(spatial_shape)}-D). Pass a grid of those ranks, or no spatial_shape (1-D form)"
+        )
+    if pattern not in mech.grid_patterns:
+        supported = ", ".join(sorted(p.value for p in mech.grid_patterns))
+        raise UnsupportedPattern(
+            f"{mech.name}'s grid form (spatial_shape={spatial_shape}) does not support pattern {pattern.value}; "
+            f"it supports: {supported}. Without spatial_shape, {mech.name} runs its 1-D form over the raster order"
+        )
 
 
 def _check_spatial(mech: MechanismLike, spatial_shape, tq: int) -> tuple[int, ...] | None:

@@ -132,6 +132,11 @@ class Mechanism(nn.Module):
     spatial: ClassVar[bool] = False
     # spatial mechanisms: the grid ranks (1-D, 2-D, 3-D) the conformance suite exercises
     spatial_dims: ClassVar[tuple[int, ...]] = (2,)
+    # sequence mechanisms with a grid form (2-D regions, pooled 2-D agents, Manhattan decay): the grid ranks
+    # whose ``spatial_shape`` switches it on, and the patterns that form is defined for. A call with another
+    # rank above 1, or a grid in another pattern, is refused (ShapeError / UnsupportedPattern) before compute.
+    grid_dims: ClassVar[tuple[int, ...]] = ()
+    grid_patterns: ClassVar[frozenset[Pattern]] = frozenset()
     uses_scale: ClassVar[bool] = True  # takes the softmax-style score scale (default 1/sqrt(Dk))
     state_kind: ClassVar[type[State] | None] = None
     complexity: ClassVar[Complexity]

@@ -15,6 +15,7 @@ import torch
 from .api import create
 from .bench.inputs import make_qkv, paths_for, probe_inputs  # noqa: F401 - re-exported for tests
 from .mechanism import REGISTRY, Mechanism
+from .ops.spatial import squarest_grid
 from .patterns import Pattern
 
 log = logging.getLogger(__name__)
@@ -46,18 +47,9 @@ def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, ratio: float, 
     assert err <= ratio, f"{name}: relative RMSE {err:.3e} exceeds {ratio:.1e}"
 
 
-def _largest_divisor_upto(t: int, root: int) -> int:
-    """The largest divisor ``a`` of ``t`` with ``a ** root <= t``."""
-    return max(a for a in range(1, t + 1) if t % a == 0 and a**root <= t)
-
-
 def grid_for(t: int, dims: int) -> tuple[int, ...]:
-    """A grid of ``dims`` axes holding ``t`` tokens, as square as ``t``'s divisors allow, the leading axis the
-    shortest: ``grid_for(63, 2) == (7, 9)``, ``grid_for(200, 3) == (5, 5, 8)``, ``grid_for(7, 2) == (1, 7)``."""
-    if dims == 1:
-        return (t,)
-    a = _largest_divisor_upto(t, dims)
-    return (a, *grid_for(t // a, dims - 1))
+    """The grid the suite lays ``t`` tokens on: ``grid_for(63, 2) == (7, 9)``, ``grid_for(7, 2) == (1, 7)``."""
+    return squarest_grid(t, dims)
 
 
 @dataclass(frozen=True)
@@ -88,6 +80,12 @@ class Case:
     def cls(self) -> type[Mechanism]:
         return REGISTRY.get(self.mechanism)
 
+    @property
+    def patterns(self) -> frozenset[Pattern]:
+        """The patterns this case runs: a sequence mechanism's grid form has its own (``grid_patterns``)."""
+        cls = self.cls
+        return cls.grid_patterns if self.spatial_dims and not cls.spatial else cls.patterns
+
 
 class SpatialCalls:
     """A spatial mechanism whose calls get ``spatial_shape`` from the case's grid of the query length, unless
@@ -111,7 +109,7 @@ def cases(name: str = "*", *, kind: str = "attention") -> list[Case]:
     for n in REGISTRY.names(name):
         cls = REGISTRY.get(n)
         if cls.kind == kind:
-            ranks = cls.spatial_dims if cls.spatial else (0,)
+            ranks = cls.spatial_dims if cls.spatial else (0, *cls.grid_dims)
             out.extend(Case(n, dict(opts), dims) for opts in cls.example_options for dims in ranks)
     return out
 
@@ -122,7 +120,7 @@ def pattern_path_grid(case_list: list[Case], device: str = "cpu") -> list[tuple[
     for case in case_list:
         mech = case.build(2, 4)
         mech = getattr(mech, "mech", mech)  # a spatial case's mechanism itself
-        for pattern in sorted(case.cls.patterns, key=lambda p: p.value):
+        for pattern in sorted(case.patterns, key=lambda p: p.value):
             grid.extend((case, pattern, p.name) for p in paths_for(case.cls, mech, pattern, device))
     return grid
 

@@ -113,3 +113,14 @@ def test_the_per_axis_path_never_builds_a_t_by_t_tensor(pattern):
     ref, _ = largest_tensor(lambda: mech(q, k, v, pattern=pattern, spatial_shape=(32, 32), path="reference"))
     assert ref >= t * t  # the check can see a T x T tensor
     assert fast <= t * 64, f"largest tensor {shape}"
+
+
+def test_flops_count_each_axis_of_the_calls_grid():
+    from attnkit.mechanism import Shape
+    from attnkit.patterns import Pattern
+
+    mech = attnkit.create("axial")
+    square = Shape(1, 4096, 4096, 2, 2, 16, 16)  # no grid: 64 x 64 is assumed, a row and a column
+    assert mech.flops(square, Pattern.NONCAUSAL_SELF) == 2.0 * 2 * 4096 * 128 * 32
+    volume = Shape(1, 4096, 4096, 2, 2, 16, 16, grid=(4, 32, 32))
+    assert mech.flops(volume, Pattern.NONCAUSAL_SELF) == 2.0 * 2 * 4096 * 68 * 32

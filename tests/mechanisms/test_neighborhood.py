@@ -203,3 +203,10 @@ def test_flops_count_visible_pairs_on_a_square_map():
     shape = Shape(1, 4096, 4096, 4, 4, 32, 32)
     assert mech.flops(shape, Pattern.NONCAUSAL_SELF) == 2.0 * 4 * 4096 * 49 * 64
     assert mech.flops(shape, Pattern.CAUSAL_SELF) < mech.flops(shape, Pattern.NONCAUSAL_SELF)
+
+
+def test_flops_count_on_the_calls_own_grid():
+    mech = attnkit.create("neighborhood", kernel_size=7)
+    # a 4 x 1024 strip: the leading axis is shorter than the kernel, so every query sees 4 x 7 keys, not 49
+    flat = Shape(1, 4096, 4096, 4, 4, 32, 32, grid=(4, 1024))
+    assert mech.flops(flat, Pattern.NONCAUSAL_SELF) == 2.0 * 4 * 4096 * 28 * 64

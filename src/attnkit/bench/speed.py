@@ -91,7 +91,9 @@ class Case(BenchCase):
         )
 
     def shape(self) -> Shape:
-        return Shape(self.batch, self.tq, self.tk, self.heads, self.kv_heads, self.head_dim, self.head_dim)
+        return Shape(
+            self.batch, self.tq, self.tk, self.heads, self.kv_heads, self.head_dim, self.head_dim, self.spatial_shape
+        )
 
     def key(self, device_name: str, threads: int) -> str:
         d = asdict(self)

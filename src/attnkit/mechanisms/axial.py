@@ -31,7 +31,7 @@ from ..mechanism import Complexity, Mechanism, Paper, Shape, fast_path, register
 from ..ops.masking import masked_softmax, visibility
 from ..ops.reference import compute_dtype, upcast_qkv
 from ..ops.sdpa import sdpa
-from ..ops.spatial import to_grid
+from ..ops.spatial import call_grid, to_grid
 from ..patterns import MaskPredicate, Pattern
 from ..state import KVCache
 
@@ -142,8 +142,8 @@ class Axial(Mechanism):
         return torch.where(seen.transpose(1, 2), out, torch.zeros((), dtype=out.dtype, device=out.device))
 
     def flops(self, shape: Shape, pattern: Pattern) -> float:
-        # keys per query on a square 2-D grid (Shape carries no spatial_shape): a row and a column,
-        # about half of each when causal
-        side = math.sqrt(shape.tk)
-        keys = 2 * side if pattern is Pattern.NONCAUSAL_SELF else side + 1
+        # keys per query: its line along every axis of the call's grid (else a square 2-D one), about half of
+        # each when causal
+        sides = call_grid(shape.grid, shape.tq)
+        keys = sum(sides) if pattern is Pattern.NONCAUSAL_SELF else sum((n + 1) / 2 for n in sides)
         return 2.0 * shape.batch * shape.heads * shape.tq * keys * (shape.dk + shape.dv)

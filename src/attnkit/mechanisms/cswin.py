@@ -24,7 +24,6 @@ The two head groups together see a cross-shaped region around each query. Choice
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +37,7 @@ from ..ops.gqa import repeat_kv
 from ..ops.masking import visibility
 from ..ops.reference import compute_dtype, dense_softmax_attention
 from ..ops.sdpa import sdpa
-from ..ops.spatial import from_grid, pad_grid, to_grid
+from ..ops.spatial import call_grid, from_grid, pad_grid, to_grid
 from ..options import check_int
 from ..patterns import Pattern
 
@@ -198,8 +197,9 @@ class CSWin(Mechanism):
         return lepe.permute(0, 2, 3, 1).reshape(bb, sw * m, hg, dv)
 
     def flops(self, shape: Shape, pattern: Pattern) -> float:
-        side = math.sqrt(shape.tq)  # the grid is not in Shape: a square one is assumed
-        keys = min(self.options.stripe, side) * side  # keys a query sees in its stripe
+        h, w = call_grid(shape.grid, shape.tq)
+        sw = self.options.stripe
+        keys = (min(sw, h) * w + h * min(sw, w)) / 2  # keys a query sees in its stripe: half the heads each way
         attention = shape.tq * keys * (shape.dk + shape.dv)
         lepe = shape.tq * shape.dv * LEPE_KERNEL**2 if self.options.lepe else 0
         return 2.0 * shape.batch * shape.heads * (attention + lepe)

@@ -39,7 +39,7 @@ from ..mechanism import Complexity, Mechanism, Paper, Shape, fast_path, register
 from ..ops.masking import masked_softmax, visibility
 from ..ops.reference import compute_dtype, upcast_qkv
 from ..ops.sdpa import sdpa
-from ..ops.spatial import from_grid, to_grid
+from ..ops.spatial import call_grid, from_grid, to_grid
 from ..options import check_int
 from ..patterns import MaskPredicate, Pattern
 
@@ -209,6 +209,8 @@ class MultiAxis(Mechanism):
         return from_grid(out)
 
     def flops(self, shape: Shape, pattern: Pattern) -> float:
-        # keys per query: a block of block_size^2 and a grid group of grid_size^2 (Shape carries no grid)
-        keys = min(shape.tk, self.options.block_size**2) + min(shape.tk, self.options.grid_size**2)
+        # keys per query: its block (block_size per axis) and its grid group (grid_size per axis), each at most
+        # the axis of the call's grid (else a square one)
+        grid = call_grid(shape.grid, shape.tq)
+        keys = sum(math.prod(min(s, n) for n in grid) for s in (self.options.block_size, self.options.grid_size))
         return 2.0 * shape.batch * shape.heads * shape.tq * keys * (shape.dk + shape.dv)

@@ -42,7 +42,7 @@ from ..mechanism import Complexity, Mechanism, Paper, Shape, fast_path, register
 from ..ops.masking import masked_softmax
 from ..ops.reference import upcast_qkv
 from ..ops.sdpa import sdpa
-from ..ops.spatial import pad_grid
+from ..ops.spatial import call_grid, pad_grid
 from ..options import check_int
 from ..patterns import MaskPredicate, Pattern, dense_mask
 from ..state import KVCache
@@ -142,14 +142,6 @@ def axis_pairs(length: int, kernel: int, dilation: int, causal: bool) -> int:
     return total
 
 
-def _square_grid(t: int, rank: int) -> tuple[int, ...]:
-    """A grid of ``rank`` axes holding ``t`` tokens, as square as t's divisors allow (64 x 64 for 4096)."""
-    if rank == 1:
-        return (t,)
-    a = max(a for a in range(1, t + 1) if t % a == 0 and a**rank <= t)
-    return (a, *_square_grid(t // a, rank - 1))
-
-
 @register_mechanism("neighborhood")
 class Neighborhood(Mechanism):
     family = "spatial"
@@ -241,18 +233,12 @@ class Neighborhood(Mechanism):
         kernel, dilation = self._per_axis("kernel_size", rank), self._per_axis("dilation", rank)
         return math.prod(axis_pairs(n, kernel[a], dilation[a], causal[a]) for a, n in enumerate(spatial_shape))
 
-    def assumed_grid(self, tokens: int) -> tuple[int, ...]:
-        """The grid ``flops`` counts on for ``tokens`` (``Shape`` carries no spatial_shape): as square as the divisors
-        allow (64 x 64 for 4096, the benchmark's square image), of the rank the options give per axis (else 2-D)."""
+    def flops(self, shape: Shape, pattern: Pattern) -> float:
+        # the pairs on the call's grid; without one, on the squarest grid of the rank the options give (else 2-D)
         options = (self.options.kernel_size, self.options.dilation, self.options.is_causal)
         ranks = {len(v) for v in options if isinstance(v, tuple)}
-        return _square_grid(tokens, ranks.pop() if ranks else 2)
-
-    def flops(self, shape: Shape, pattern: Pattern) -> float:
-        # Shape carries no spatial_shape: the pairs are counted on assumed_grid(T)
-        return (
-            2.0 * shape.batch * shape.heads * self.pairs(self.assumed_grid(shape.tq), pattern) * (shape.dk + shape.dv)
-        )
+        grid = call_grid(shape.grid, shape.tq, ranks.pop() if ranks else 2)
+        return 2.0 * shape.batch * shape.heads * self.pairs(grid, pattern) * (shape.dk + shape.dv)
 
     def mask_predicate(self, pattern: Pattern | str, spatial_shape: tuple[int, ...]) -> MaskPredicate:
         """The neighbourhood of a whole grid as a mask predicate on token positions (for FlexAttention)."""

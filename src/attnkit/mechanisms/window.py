@@ -39,7 +39,7 @@ from ..inputs import AttentionInputs
 from ..mechanism import Complexity, Mechanism, Paper, Shape, fast_path, register_mechanism
 from ..ops.reference import dense_softmax_attention
 from ..ops.sdpa import sdpa
-from ..ops.spatial import from_grid, to_grid
+from ..ops.spatial import call_grid, from_grid, to_grid
 from ..options import check_int
 from ..patterns import MaskPredicate, Pattern
 
@@ -279,8 +279,10 @@ class Window(Mechanism):
         return from_grid(out)
 
     def flops(self, shape: Shape, pattern: Pattern) -> float:
-        # keys per query: the window (plus halo) on a 2-D grid when one size is given (Shape has no grid)
+        # keys per query: the window (plus halo) on each axis of the call's grid (else a square one of the
+        # options' rank), at most the axis
         w = self.options.window_size
-        sides = (w, w) if isinstance(w, int) else w
-        keys = min(shape.tk, math.prod(s + 2 * self.options.halo for s in sides))
+        grid = call_grid(shape.grid, shape.tq, 2 if isinstance(w, int) else len(w))
+        sides = (w,) * len(grid) if isinstance(w, int) else w
+        keys = math.prod(min(s + 2 * self.options.halo, n) for s, n in zip(sides, grid, strict=True))
         return 2.0 * shape.batch * shape.heads * shape.tq * keys * (shape.dk + shape.dv)

@@ -13,6 +13,21 @@ import torch
 import torch.nn.functional as F
 
 
+def squarest_grid(t: int, rank: int) -> tuple[int, ...]:
+    """A grid of ``rank`` axes holding ``t`` tokens, as square as ``t``'s divisors allow, the leading axis the
+    shortest: ``squarest_grid(4096, 2) == (64, 64)``, ``(63, 2) -> (7, 9)``, ``(200, 3) -> (5, 5, 8)``."""
+    if rank == 1:
+        return (t,)
+    a = max(a for a in range(1, t + 1) if t % a == 0 and a**rank <= t)
+    return (a, *squarest_grid(t // a, rank - 1))
+
+
+def call_grid(grid: tuple[int, ...] | None, tokens: int, rank: int = 2) -> tuple[int, ...]:
+    """The grid a FLOP formula counts on: the call's own (``Shape.grid``) when it has one, else the squarest
+    grid of ``rank`` axes holding ``tokens`` (the benchmark's square image)."""
+    return tuple(grid) if grid else squarest_grid(tokens, rank)
+
+
 def to_grid(t: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """``[B, T, H, D] -> [B, *shape, H, D]`` (a view)."""
     b, n, h, d = t.shape
