@@ -1,0 +1,10 @@
+"""Attention analytics: capture per-head attention maps (attnkit layers, Hugging Face models), measure every
+head (entropy, distance, locality, sinks, roles, no-op heads, importance, clusters) and show it (PNG plots, one
+self-contained HTML page). ``attnkit analyze`` is the command; DESIGN §5 and research/D_analytics.md the formulas.
+"""
+
+from __future__ import annotations
+
+from .maps import AttentionMaps
+
+__all__ = ["AttentionMaps"]
