@@ -5,6 +5,6 @@ self-contained HTML page). ``attnkit analyze`` is the command; DESIGN §5 and re
 
 from __future__ import annotations
 
-from .maps import AttentionMaps
+from .maps import AttentionMaps, HeadMetrics
 
-__all__ = ["AttentionMaps"]
+__all__ = ["AttentionMaps", "HeadMetrics"]

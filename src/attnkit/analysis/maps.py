@@ -60,3 +60,29 @@ class AttentionMaps:
         if self.key_padding_mask is None:
             return torch.ones(b, tk, dtype=torch.bool)
         return self.key_padding_mask
+
+
+@dataclass
+class HeadMetrics:
+    """Everything measured per head of one :class:`AttentionMaps` (``attnkit.analysis.metrics.measure``).
+
+    - ``table``: metric name -> ``[L, H]`` float tensor (entropy, normalised entropy, mean distance, local
+      fraction, sink ratio, role scores, no-op fraction, importance when measured, ...), one column of the
+      page's sortable table each; ``descriptions``: metric name -> one line (formula, unit) for tooltips.
+    - ``profile``: ``[L, H, N]`` attention mass at each distance bin, ``profile_bins`` the bins' labels.
+    - ``sinks``: the detected sink keys, one ``(position, label, mean mass received)`` per sink.
+    - ``roles``: ``[L][H]`` lists of role names detected for each head (``"previous-token"``, ``"induction"``,
+      ``"duplicate-token"``, ``"sink"``, ``"no-op"``, ``"local"``, ``"broad"``...).
+    - ``js``: ``[L*H, L*H]`` Jensen–Shannon distances between heads (head ``l*H + h``); ``embedding``:
+      ``[L*H, 2]`` their 2-D embedding (classical MDS); ``clusters``: ``[L*H]`` int cluster labels.
+    """
+
+    table: dict[str, torch.Tensor]
+    descriptions: dict[str, str]
+    profile: torch.Tensor
+    profile_bins: list[str]
+    sinks: list[tuple[int, str, float]]
+    roles: list[list[list[str]]]
+    js: torch.Tensor
+    embedding: torch.Tensor
+    clusters: torch.Tensor
