@@ -21,6 +21,7 @@ from attnkit.testing import cases, make_qkv, pattern_path_grid
 CASES = cases()
 HQ, HKV, D = 4, 2, 8
 
+
 # ---- names and paths of the wrong type ------------------------------------------------------------
 
 
@@ -84,7 +85,7 @@ def test_empty_batch_gives_an_empty_output(item):
     out.sum().backward()  # an empty batch is a valid (if useless) training step
 
 
-@pytest.mark.parametrize("case", [c for c in CASES if c.cls.state_kind is not None], ids=lambda c: c.label)
+@pytest.mark.parametrize("case", [c for c in CASES if c.decodes], ids=lambda c: c.label)
 def test_empty_batch_with_state(case):
     """B = 0 with decoding state: an empty output and a state of batch 0 that counts the tokens."""
     mech = case.build(HQ, D)

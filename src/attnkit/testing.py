@@ -86,6 +86,12 @@ class Case:
         cls = self.cls
         return cls.grid_patterns if self.spatial_dims and not cls.spatial else cls.patterns
 
+    @property
+    def decodes(self) -> bool:
+        """The case decodes with state: a mechanism with a state kind, in a case whose patterns hold causal_self
+        (a sequence mechanism's grid form may have none)."""
+        return self.cls.state_kind is not None and Pattern.CAUSAL_SELF in self.patterns
+
 
 class SpatialCalls:
     """A spatial mechanism whose calls get ``spatial_shape`` from the case's grid of the query length, unless
