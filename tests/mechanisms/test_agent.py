@@ -1,6 +1,9 @@
 """agent: the paper's formula written out (pooling, gather, broadcast, DWC as a conv1d), the leak-free causal
 definition (block structure, future tokens change nothing, a big block is causal softmax), causal_cross's
-agents from the context, decoding state, option checks, and linear memory of the fast path."""
+agents from the context, decoding state, option checks, and linear memory of the fast path. The grid form
+(spatial_shape=(h, w)): a per-query loop in fp64 with torch's adaptive 2-D pooling for the agents and the k × k
+DWC tap by tap, key padding as masked cell means, the agent grid's shape, the DWC at the map's border, refusals,
+flops on the call's grid, and its memory."""
 
 from __future__ import annotations
 
@@ -10,7 +13,10 @@ import torch.nn.functional as F
 from largest_tensor import largest_tensor
 
 import attnkit
-from attnkit.errors import InvalidOption
+from attnkit.errors import InvalidOption, ShapeError, UnsupportedPattern
+from attnkit.mechanism import Shape
+from attnkit.mechanisms.agent import depthwise_taps_2d
+from attnkit.ops.grid_pool import agent_grid
 from attnkit.testing import assert_close, make_qkv
 
 
@@ -148,7 +154,7 @@ def test_decoding_step_by_step_equals_one_call():
 @pytest.mark.parametrize(
     ("option", "value"),
     [("num_agents", 0), ("num_agents", 2**70), ("kernel_size", 4), ("kernel_size", 0), ("block_size", -2),
-     ("block_size", 2**70), ("num_agents", "8")],
+     ("block_size", 2**70), ("num_agents", "8"), ("kernel_size", 65)],
 )  # fmt: skip
 def test_options_are_checked(option, value):
     with pytest.raises(InvalidOption, match=option):
@@ -172,3 +178,173 @@ def test_fast_path_memory_is_linear_in_noncausal_and_blocked_in_causal():
     blocks = t // 64
     # at most each query's scores over the agents and its own block: T (T / bs + bs), never [T, T]
     assert numel <= t * (blocks + 64) * h < t * t * h, shape
+
+
+# ---- the grid form -------------------------------------------------------------------------------------------
+
+
+def grid_agents(q, grid, cells, mask=None):
+    """The paper's agents: AdaptiveAvgPool2d(cells) of q on the map. With a mask, a masked mean per cell, as
+    pool(m * q) / pool(m) (one cell, one size). Returns agents [B, n, H, D] and which exist [B, n]."""
+    b, t, h, d = q.shape
+    m = torch.ones(b, t, dtype=q.dtype) if mask is None else mask.to(q.dtype)
+    image = (q * m[:, :, None, None]).reshape(b, *grid, h * d).permute(0, 3, 1, 2)  # [B, H*D, h, w]
+    sums = F.adaptive_avg_pool2d(image, cells).flatten(2).transpose(1, 2).reshape(b, -1, h, d)
+    counts = F.adaptive_avg_pool2d(m.reshape(b, 1, *grid), cells).flatten(1)  # [B, n]
+    return sums / counts.clamp(min=1e-300)[:, :, None, None], counts > 0
+
+
+def literal_grid(q, k, v, grid, cells, scale, w2d=None, mask=None, cross=False):
+    """One query at a time (fp64): a softmax over the existing agents, each agent's values a softmax over the
+    real keys (none: 0), plus (self) the k × k DWC summed tap by tap, zero outside the map."""
+    b, t, h, d = q.shape
+    agents, exists = grid_agents(q, grid, cells, None if cross else mask)
+    real = torch.ones(b, k.shape[1], dtype=torch.bool) if mask is None else mask
+    values = torch.zeros(b, agents.shape[1], h, v.shape[-1], dtype=q.dtype)
+    for a in range(agents.shape[1]):
+        s = scale * torch.einsum("bhd,bkhd->bhk", agents[:, a], k).masked_fill(~real[:, None], float("-inf"))
+        p = torch.nan_to_num(torch.softmax(s, -1))  # no real key: 0
+        values[:, a] = torch.einsum("bhk,bkhd->bhd", p, v)
+    out = torch.zeros(b, t, h, v.shape[-1], dtype=q.dtype)
+    for i in range(t):
+        s = scale * torch.einsum("bhd,bnhd->bhn", q[:, i], agents).masked_fill(~exists[:, None], float("-inf"))
+        out[:, i] = torch.einsum("bhn,bnhd->bhd", torch.softmax(s, -1), values)
+        if w2d is not None:
+            y, x, kern = i // grid[1], i % grid[1], w2d.shape[-1]
+            for a in range(kern):
+                for c in range(kern):
+                    yy, xx = y + a - kern // 2, x + c - kern // 2
+                    if 0 <= yy < grid[0] and 0 <= xx < grid[1]:
+                        out[:, i] += w2d[:, :, a, c] * v[:, yy * grid[1] + xx]
+    if mask is not None and not cross:
+        out = out * mask[:, :, None, None]  # a padded position is no token
+    return out
+
+
+GRID_CASES = [  # (map, num_agents, kernel_size, the agent grid)
+    ((7, 9), 6, 3, (2, 3)),  # overlapping bands: rows 0-3 / 3-6, columns 0-2 / 3-5 / 6-8
+    ((9, 7), 6, 3, (3, 2)),  # the agent grid's longer side follows the map's
+    ((7, 9), 16, 5, (4, 4)),
+    ((2, 9), 16, 3, (2, 4)),  # the map has 2 rows: each row its own agent row
+    ((3, 3), 49, 3, (3, 3)),  # more agents than tokens: each token its own agent
+    ((14, 14), 49, 3, (7, 7)),  # the paper's agent_num=49 -> AdaptiveAvgPool2d((7, 7))
+    ((5, 6), 7, 1, (1, 6)),  # a prime count: 1 x 7 column bands, clipped to the map's 6 columns
+]
+
+
+@pytest.mark.parametrize("path", ["reference", "sdpa"])
+@pytest.mark.parametrize(("grid", "n", "kernel", "cells"), GRID_CASES, ids=lambda c: str(c))
+def test_grid_form_is_the_papers_pooling_and_conv2d(path, grid, n, kernel, cells):
+    assert agent_grid(n, grid) == cells
+    mech = attnkit.create("agent", heads=2, head_dim=8, num_agents=n, kernel_size=kernel).double()
+    t = grid[0] * grid[1]
+    q, k, v = make_qkv(2, t, t, 2, 2, 8, dtype=torch.float64)
+    want = literal_grid(q, k, v, grid, cells, 8**-0.5, mech.dwc2d.detach())
+    assert_close(path, want, mech(q, k, v, pattern="noncausal_self", spatial_shape=grid, path=path), 1e-9)
+
+
+def test_agent_grid_shapes():
+    assert agent_grid(8, (7, 9)) == (2, 4) and agent_grid(8, (9, 7)) == (4, 2) and agent_grid(8, (5, 5)) == (2, 4)
+    assert agent_grid(16, (1, 7)) == (1, 4) and agent_grid(64, (3, 100)) == (3, 8) and agent_grid(1, (9, 9)) == (1, 1)
+
+
+@pytest.mark.parametrize("path", ["reference", "sdpa"])
+def test_grid_key_padding_is_a_masked_mean_per_cell_and_empty_cells_drop_out(path):
+    mech = attnkit.create("agent", heads=2, head_dim=8, num_agents=6).double()
+    q, k, v = make_qkv(2, 63, 63, 2, 1, 8, dtype=torch.float64)  # GQA 2:1
+    mask = torch.rand(2, 63, generator=torch.Generator().manual_seed(1)) > 0.3
+    cell = torch.zeros(7, 9, dtype=torch.bool)
+    cell[:4, :3] = True  # agent (0, 0)'s whole cell (rows 0-3, columns 0-2) is padding in row 0
+    mask[0] &= ~cell.flatten()
+    out = mech(q, k, v, pattern="noncausal_self", spatial_shape=(7, 9), key_padding_mask=mask, path=path)
+    kk, vv = k.repeat_interleave(2, 2) * mask[:, :, None, None], v.repeat_interleave(2, 2) * mask[:, :, None, None]
+    want = literal_grid(q, kk, vv, (7, 9), (2, 3), 8**-0.5, mech.dwc2d.detach(), mask)
+    assert_close(path, want, out, 1e-9)
+    assert out[~mask].abs().max() == 0
+    q2 = q.clone()
+    q2[~mask] = torch.randn_like(q2[~mask]) * 100  # padded queries are in no agent
+    moved = mech(q2, k, v, pattern="noncausal_self", spatial_shape=(7, 9), key_padding_mask=mask, path=path)
+    assert_close("padded queries", out[mask], moved[mask], 1e-12)
+
+
+@pytest.mark.parametrize("path", ["reference", "sdpa"])
+def test_grid_cross_pools_the_queries_map_and_has_no_dwc(path):
+    mech = attnkit.create("agent", heads=2, head_dim=8, num_agents=4).double()
+    q, k, v = make_qkv(2, 35, 12, 2, 2, 8, dtype=torch.float64)
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[1, 3:8] = False
+    out = mech(q, k, v, pattern="noncausal_cross", spatial_shape=(5, 7), key_padding_mask=mask, path=path)
+    want = literal_grid(q, k * mask[:, :, None, None], v * mask[:, :, None, None], (5, 7), (2, 2), 8**-0.5,
+                        mask=mask, cross=True)  # fmt: skip
+    assert_close(path, want, out, 1e-9)
+
+
+def test_grid_dwc_at_the_border_sees_zeros_beyond_the_map():
+    # one-hot v at the corner (0, 0) of a 7 x 9 map: only the outputs whose 5 x 5 window holds it, from a clipped kernel
+    kern, c = 5, 2
+    w = torch.randn(2, 3, kern, kern, dtype=torch.float64)
+    v = torch.zeros(1, 7, 9, 2, 3, dtype=torch.float64)
+    v[0, 0, 0] = 1.0
+    out = depthwise_taps_2d(v, w)
+    want = torch.zeros_like(out)
+    for y in range(c + 1):
+        for x in range(c + 1):
+            want[0, y, x] = w[:, :, c - y, c - x]  # out[y, x] = sum_ij w[i, j] v[y + i - c, x + j - c]
+    assert torch.equal(out, want)
+    full = depthwise_taps_2d(torch.randn(2, 7, 9, 2, 3, dtype=torch.float64), w)
+    assert full.shape == (2, 7, 9, 2, 3)
+
+
+@pytest.mark.parametrize("path", ["reference", "sdpa"])
+def test_a_one_d_spatial_shape_is_the_sequence_form_and_a_grid_is_not(path):
+    mech = attnkit.create("agent", heads=2, head_dim=8, num_agents=6)
+    q, k, v = make_qkv(1, 63, 63, 2, 2, 8)
+    seq = mech(q, k, v, pattern="noncausal_self", path=path)
+    assert torch.equal(seq, mech(q, k, v, pattern="noncausal_self", spatial_shape=(63,), path=path))
+    assert not torch.allclose(seq, mech(q, k, v, pattern="noncausal_self", spatial_shape=(7, 9), path=path))
+
+
+def test_the_grid_form_refuses_causal_patterns_and_other_ranks():
+    mech = attnkit.create("agent", heads=2, head_dim=8)
+    q, k, v = make_qkv(1, 12, 12, 2, 2, 8)
+    for pattern in ("causal_self", "causal_cross"):
+        with pytest.raises(UnsupportedPattern, match=pattern):
+            mech(q, k, v, pattern=pattern, spatial_shape=(3, 4))
+    with pytest.raises(ShapeError, match="2-D"):
+        mech(q, k, v, pattern="noncausal_self", spatial_shape=(2, 2, 3))
+
+
+def test_each_form_trains_its_own_dwc():
+    mech = attnkit.create("agent", heads=2, head_dim=8)
+    q, k, v = make_qkv(1, 12, 12, 2, 2, 8)
+    mech(q, k, v, pattern="noncausal_self", spatial_shape=(3, 4)).sum().backward()
+    assert mech.dwc2d.grad.abs().sum() > 0 and mech.dwc.grad is None
+    assert mech.dwc2d.shape == (2, 8, 3, 3)
+
+
+def test_a_vit_runs_agent_on_its_patch_grid():
+    model = attnkit.nn.ViT(12, 3, 1, 4, dim=16, depth=1, heads=2, mechanism="agent", pooling="mean", num_agents=4)
+    model(torch.randn(2, 1, 12, 12)).sum().backward()
+    mech = model.blocks[0].attn.mechanism
+    assert mech.dwc2d.grad.abs().sum() > 0 and mech.dwc.grad is None  # the grid form ran
+
+
+def test_flops_count_on_the_calls_grid():
+    mech = attnkit.create("agent", heads=2, head_dim=8, num_agents=16, kernel_size=3)
+    nc = attnkit.Pattern.NONCAUSAL_SELF
+    seq = mech.flops(Shape(1, 63, 63, 2, 2, 8, 8), nc)
+    grid = mech.flops(Shape(1, 63, 63, 2, 2, 8, 8, grid=(7, 9)), nc)
+    assert grid - seq == 2.0 * 2 * 63 * 8 * (9 - 3)  # the DWC: k² taps on a grid, k in a sequence (16 agents both)
+    # a (1, 63) map holds 1 x 4 agents, not 16
+    assert mech.flops(Shape(1, 63, 63, 2, 2, 8, 8, grid=(1, 63)), nc) < seq
+
+
+def test_grid_fast_path_memory_is_linear():
+    t, h, d = 1024, 2, 16
+    q, k, v = make_qkv(1, t, t, h, h, d)
+    mech = attnkit.create("agent", heads=h, head_dim=d, num_agents=16)
+    kpm = torch.rand(1, t, generator=torch.Generator().manual_seed(0)) > 0.2
+    for mask in (None, kpm):
+        kw = {"pattern": "noncausal_self", "spatial_shape": (32, 32), "path": "sdpa", "key_padding_mask": mask}
+        numel, shape = largest_tensor(lambda kw=kw: mech(q, k, v, **kw))
+        assert numel <= t * h * d, shape  # q's size: no [T, n] pooling matrix, no [T, T]
