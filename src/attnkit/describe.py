@@ -58,3 +58,5 @@ class MechanismInfo:
     options: type  # the frozen options dataclass
     paths: tuple[str, ...]  # fast paths, in order of definition
     state_kind: str | None = None
+    grid_dims: tuple[int, ...] = ()  # a sequence mechanism's grid form: the spatial_shape ranks that switch it on
+    grid_patterns: frozenset[Pattern] = frozenset()  # the patterns that form supports

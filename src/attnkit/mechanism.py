@@ -197,6 +197,8 @@ class Mechanism(nn.Module):
             options=cls.Options,
             paths=tuple(p.name for p in cls._fast_paths),
             state_kind=cls.state_kind.__name__ if cls.state_kind else None,
+            grid_dims=cls.grid_dims,
+            grid_patterns=frozenset(cls.grid_patterns),
         )
 
     def extra_repr(self) -> str:

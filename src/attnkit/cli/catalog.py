@@ -47,6 +47,11 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"  exact:      {'yes (equals softmax attention up to rounding)' if i.exact else 'no'}")
     print(f"  trainable:  {'yes (use attnkit.create or attnkit.Attention)' if i.trainable else 'no'}")
     print(f"  state:      {i.state_kind or 'none'}")
+    if i.spatial:
+        print("  grid:       needs spatial_shape (tokens flattened row-major)")
+    elif i.grid_dims:
+        ranks = "/".join(f"{r}-D" for r in i.grid_dims)
+        print(f"  grid form:  {ranks} with spatial_shape, in {', '.join(sorted(p.value for p in i.grid_patterns))}")
     print(f"  complexity: {i.complexity}")
     print(f"  paths:      reference, {', '.join(i.paths)}" if i.paths else "  paths:      reference")
     fields = dataclasses.fields(i.options)
