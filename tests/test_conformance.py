@@ -30,7 +30,7 @@ GRID = pattern_path_grid(CASES)  # (case, pattern, fast path)
 STATE_GRID = [
     (case, path)
     for case in CASES
-    if case.cls.state_kind is not None
+    if case.cls.state_kind is not None and Pattern.CAUSAL_SELF in case.patterns  # a grid form may be noncausal
     for path in ["reference"] + [p for c, pat, p in GRID if c == case and pat is Pattern.CAUSAL_SELF]
 ]
 # every path, the reference included
@@ -205,7 +205,11 @@ def test_chunked_state_equals_full_call(item, masked, autograd):
 
 
 @pytest.mark.parametrize("autograd", [True, False], ids=["grad", "nograd"])
-@pytest.mark.parametrize("case", [c for c in CASES if c.cls.state_kind is not None], ids=lambda c: c.label)
+@pytest.mark.parametrize(
+    "case",
+    [c for c in CASES if c.cls.state_kind is not None and Pattern.CAUSAL_SELF in c.patterns],
+    ids=lambda c: c.label,
+)
 def test_state_nbytes_is_the_memory_it_holds(case, autograd):
     """``nbytes`` counts every storage the state's tensors keep alive (a KV cache's room to grow included),
     and a state keeps no per-token tensor of the calls that made it alive: only its own tensors, plus, for a
@@ -295,7 +299,8 @@ def test_spatial_shape_must_hold_the_tokens(case):
     mech = case.build(HQ, 16)
     pattern = sorted(case.patterns, key=lambda p: not p.is_self)[0]
     q, k, v = make_qkv(1, 12, 12, HQ, HKV, 16)
-    for bad in [(5, 3), (12, 2), (0, 12), None]:
+    missing = [None] if case.cls.spatial else []  # a sequence mechanism's grid form: no grid is its 1-D form
+    for bad in [(5, 3), (12, 2), (0, 12), *missing]:
         with pytest.raises(ShapeError, match="spatial_shape"):
             mech(q, k, v, pattern=pattern, spatial_shape=bad)
 
