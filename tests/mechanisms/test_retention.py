@@ -3,13 +3,17 @@ and final states); one decay and one state per query head under GQA; the gammas 
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
 import torch
+from largest_tensor import largest_tensor
 
 import attnkit
+from attnkit.describe import Shape
 from attnkit.errors import InvalidOption, ShapeError
+from attnkit.patterns import Pattern
 from attnkit.testing import assert_close, make_qkv, random_chunks
 
 
@@ -150,3 +154,130 @@ def test_decoding_many_steps_keeps_a_constant_state():
         start += n
     assert_close("decoded", full, torch.cat(outs, 1), 1e-5)
     assert sizes == {2 * 8 * 8 * 4}
+
+
+# ---- the grid form: RMT's Manhattan decay ------------------------------------------------------------------
+
+
+def manhattan_form(q, k, v, gammas, grid):
+    """Retention on a grid, one query at a time: out_n = sum_m gamma^(|x_n - x_m| + |y_n - y_m|) (q_n.k_m / sqrt(d))
+    v_m, with each token's coordinates from its row-major index (itertools, not attnkit's grid helpers)."""
+    b, t, h, d = q.shape
+    k, v = k.repeat_interleave(h // k.shape[2], 2), v.repeat_interleave(h // v.shape[2], 2)
+    where = list(itertools.product(*(range(s) for s in grid)))  # row-major: the last axis fastest
+    out = torch.zeros(b, t, h, v.shape[-1], dtype=torch.float64)
+    for head in range(h):
+        for n in range(t):
+            for m in range(t):
+                distance = sum(abs(a - c) for a, c in zip(where[n], where[m], strict=True))
+                w = gammas[head] ** distance * (q[:, n, head] * k[:, m, head]).sum(-1) / math.sqrt(d)
+                out[:, n, head] += w[:, None] * v[:, m, head]
+    return out
+
+
+def grid_call(q, k, v, grid, path, **options):
+    return attnkit.attend(q, k, v, "retention", pattern="noncausal_self", spatial_shape=grid, path=path, **options)
+
+
+@pytest.mark.parametrize("grid", [(3, 5), (1, 7), (4, 1), (2, 3, 4)], ids=str)
+def test_grid_form_equals_the_literal_manhattan_sum(grid):
+    t = math.prod(grid)
+    q, k, v = make_qkv(2, t, t, 4, 2, 8, dtype=torch.float64)  # GQA: each query head keeps its own gamma
+    gammas = [0.9, 0.5, 0.99, 0.7]
+    expected = manhattan_form(q, k, v, gammas, grid)
+    for path in ("reference", "bidirectional", "auto"):
+        assert_close(path, expected, grid_call(q, k, v, grid, path, gammas=gammas), 1e-10)
+
+
+@pytest.mark.parametrize("grid", [(7, 9), (1, 7), (10, 20), (5, 4, 6)], ids=str)
+def test_fp32_scan_is_accurate_with_gammas_near_one_and_near_zero(grid):
+    """The scans build every weight as a product of decays <= 1 (never gamma^-n): fp32 holds 2e-5 against fp64."""
+    t = math.prod(grid)
+    q, k, v = make_qkv(1, t, t, 4, 4, 8, dtype=torch.float64)
+    gammas = (0.999, 0.1, 0.9999, 1e-3)
+    expected = grid_call(q, k, v, grid, "reference", gammas=gammas)
+    out = grid_call(q.float(), k.float(), v.float(), grid, "bidirectional", gammas=gammas)
+    assert_close("fp32", expected, out, 2e-5)
+
+
+def test_the_decay_is_manhattan_on_the_grid_and_does_not_wrap_at_borders():
+    """With q = k = e_0, scale 1 and one-hot values, the output is D itself: gamma^(|dy| + |dx|). On a 7 x 9 grid
+    the raster neighbours (0, 8) and (1, 0) are 9 apart, not 1 as in the 1-D form over the raster order."""
+    grid, gamma = (7, 9), 0.5
+    t = math.prod(grid)
+    q = torch.zeros(1, t, 1, t, dtype=torch.float64)
+    q[..., 0] = 1.0
+    v = torch.eye(t, dtype=torch.float64)[None, :, None, :]  # v_m = e_m: out[n, m] = D_nm
+    for path in ("reference", "bidirectional"):
+        D = grid_call(q, q, v, grid, path, gammas=(gamma,), scale=1.0)[0, :, 0]  # [T, T]
+        for n, m, distance in [(8, 9, 9), (8, 8, 0), (0, t - 1, 6 + 8), (4 * 9 + 4, 4 * 9 + 5, 1), (4, 31, 3)]:
+            assert D[n, m] == pytest.approx(gamma**distance, rel=1e-12), (path, n, m)
+        assert torch.allclose(D, D.T)
+    raster = attnkit.attend(q, q, v, "retention", pattern="noncausal_self", gammas=(gamma,), scale=1.0)[0, :, 0]
+    assert raster[8, 9] == pytest.approx(gamma)  # the 1-D form: raster neighbours
+
+
+def test_a_grid_with_one_long_axis_is_the_1d_form():
+    q, k, v = make_qkv(2, 12, 12, 2, 2, 8, dtype=torch.float64)
+    seq = attnkit.attend(q, k, v, "retention", pattern="noncausal_self", path="bidirectional")
+    for grid in [(12,), (1, 12), (12, 1), (1, 12, 1)]:
+        assert_close(str(grid), seq, grid_call(q, k, v, grid, "auto"), 1e-12)
+        assert attnkit.last_path() == "bidirectional"
+
+
+def test_padded_keys_on_the_grid_are_absent_and_poison_nothing():
+    grid = (5, 7)
+    t = math.prod(grid)
+    q, k, v = make_qkv(2, t, t, 2, 2, 8, dtype=torch.float64)
+    kpm = torch.ones(2, t, dtype=torch.bool)
+    kpm[0, [0, 8, 34]] = False  # a corner, the middle, the opposite corner
+    kpm[1] = False  # a row with no key: outputs 0
+    k[~kpm], v[~kpm] = float("nan"), float("inf")
+    zeroed_k, zeroed_v = torch.where(kpm[..., None, None], k, 0.0), torch.where(kpm[..., None, None], v, 0.0)
+    expected = manhattan_form(q, zeroed_k, zeroed_v, retnet_gammas(2), grid)
+    for path in ("reference", "bidirectional"):
+        out = grid_call(q, k, v, grid, path, key_padding_mask=kpm)
+        assert_close(path, expected, out, 1e-10)
+        assert (out[1] == 0).all()
+
+
+def test_grid_gradients_of_the_scan_are_exact():
+    grid = (3, 4)
+    q, k, v = make_qkv(1, 12, 12, 2, 1, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda q, k, v: grid_call(q, k, v, grid, "bidirectional"), (q, k, v))
+
+
+def test_the_scan_builds_no_t_by_t_tensor():
+    grid = (20, 30)
+    t = math.prod(grid)
+    q, k, v = make_qkv(1, t, t, 2, 2, 4)
+    biggest, shape = largest_tensor(lambda: grid_call(q, k, v, grid, "bidirectional"))
+    assert biggest < t * t / 10, shape  # the field [B, H, 20, 30, Dk, Dv] is 19200 elements; T^2 is 360000
+    dense, _ = largest_tensor(lambda: grid_call(q, k, v, grid, "reference"))
+    assert dense >= t * t  # the reference's explicit D: the recorder sees T x T tensors when there are some
+
+
+def test_grid_refusals_name_what_was_given():
+    q, k, v = make_qkv(1, 12, 12, 2, 2, 8)
+    with pytest.raises(attnkit.UnsupportedPattern, match=r"grid form.*causal_self.*noncausal_self"):
+        attnkit.attend(q, k, v, "retention", pattern="causal_self", spatial_shape=(3, 4))
+    with pytest.raises(ShapeError, match=r"2-D/3-D grids.*\(1, 2, 3, 2\)"):
+        attnkit.attend(q, k, v, "retention", pattern="noncausal_self", spatial_shape=(1, 2, 3, 2))
+    with pytest.raises(ShapeError, match="spatial_shape"):
+        attnkit.attend(q, k, v, "retention", pattern="noncausal_self", spatial_shape=(3, 5))
+    with pytest.raises(InvalidOption, match="3 values but q has 2 heads"):
+        attnkit.attend(q, k, v, "retention", pattern="noncausal_self", spatial_shape=(3, 4), gammas=(0.5,) * 3)
+    with pytest.raises(InvalidOption, match="noncausal_self"):
+        attnkit.attend(q, k, v, "retention", pattern="noncausal_self", spatial_shape=(3, 4), return_state=True)
+
+
+def test_flops_count_the_scans_along_the_calls_grid():
+    mech = attnkit.create("retention")
+    one = Shape(2, 64, 64, 4, 4, 8, 16)
+    field = 2 * 64 * 4 * 8 * 16  # elements of the field k v^T over batch and heads
+    nc = Pattern.NONCAUSAL_SELF
+    assert mech.flops(one._replace(grid=(8, 8)), nc) == field * (2 + 5 * 2 + 2)
+    assert mech.flops(one._replace(grid=(4, 4, 4)), nc) == field * (2 + 5 * 3 + 2)
+    assert mech.flops(one._replace(grid=(1, 64)), nc) == field * (2 + 5 + 2)  # an axis of one needs no scan
+    assert mech.flops(one._replace(grid=(64,)), nc) == mech.flops(one, nc)  # 1-D: the chunked scans' count
+    assert mech.flops(one, Pattern.CAUSAL_SELF) == mech.flops(one._replace(grid=(64,)), Pattern.CAUSAL_SELF)
