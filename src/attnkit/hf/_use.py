@@ -118,7 +118,8 @@ def _check_model(model) -> None:
     config = getattr(model, "config", None)
     if config is None or not hasattr(model, "set_attn_implementation"):
         raise InvalidOption(f"expected a transformers PreTrainedModel; got {type(model).__name__}")
-    if not model._can_set_attn_implementation():  # transformers would only log a warning and not switch
+    can_set = getattr(model, "_can_set_attn_implementation", None)
+    if can_set is not None and not can_set():  # transformers would only log a warning and not switch
         raise InvalidOption(
             f"{type(model).__name__} does not dispatch attention through transformers' AttentionInterface,"
             " so its attention implementation cannot be switched"
