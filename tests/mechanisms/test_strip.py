@@ -30,13 +30,18 @@ def strips_attend(q, k, v, *, strip, path, **call):
     return strips(strip, q.shape[2])(q, k, v, pattern="noncausal_self", path=path, **call)
 
 
+def fp64_per_query_head(q, k, v, real):
+    """q, k, v in fp64 with k, v repeated to the query heads, and the real-key mask (all real when None)."""
+    g = q.shape[2] // k.shape[2]
+    real = torch.ones(q.shape[:2], dtype=torch.bool) if real is None else real
+    return q.double(), k.double().repeat_interleave(g, 2), v.double().repeat_interleave(g, 2), real
+
+
 def literal(q, k, v, shape, strip, real=None):
     """Per query (r, c) and head: softmax over the real keys (r', c') with r' // s == r // s or c' // s == c // s,
     each key once; fp64, k and v repeated to the query heads; a query that sees no key outputs 0."""
     b, t, hq, d = q.shape
-    g = hq // k.shape[2]
-    q, k, v = q.double(), k.double().repeat_interleave(g, 2), v.double().repeat_interleave(g, 2)
-    real = torch.ones(b, t, dtype=torch.bool) if real is None else real
+    q, k, v, real = fp64_per_query_head(q, k, v, real)
     h, w = shape
     out = torch.zeros(b, t, hq, v.shape[-1], dtype=torch.float64)
     for bi in range(b):
@@ -165,9 +170,7 @@ def ssa_literal(mech, q, k, v, shape, real=None, scale=None):
     tap from the keys inside the grid (bias + sum W[a, b] k[i*r + a, j*r + b]), both compressed, then a softmax
     over those cells; fp64, k and v repeated to the query heads; a query that sees no cell outputs 0."""
     b, t, hq, d = q.shape
-    g = hq // k.shape[2]
-    q, k, v = q.double(), k.double().repeat_interleave(g, 2), v.double().repeat_interleave(g, 2)
-    real = torch.ones(b, t, dtype=torch.bool) if real is None else real
+    q, k, v, real = fp64_per_query_head(q, k, v, real)
     h, w = shape
     r = mech.options.reduction
     p = {name: t.detach().double() for name, t in mech.named_parameters()}
