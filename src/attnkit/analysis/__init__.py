@@ -5,6 +5,7 @@ self-contained HTML page). ``attnkit analyze`` is the command; DESIGN §5 and re
 
 from __future__ import annotations
 
+from .capture import capture
 from .maps import AttentionMaps, HeadMetrics
 
-__all__ = ["AttentionMaps", "HeadMetrics"]
+__all__ = ["AttentionMaps", "HeadMetrics", "capture"]
