@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from attnkit.analysis import AttentionMaps, capture
-from attnkit.analysis.cluster import average_linkage, classical_mds, js_distances
+from attnkit.analysis.cluster import classical_mds, js_distances, k_medoids
 from attnkit.analysis.importance import importance
 from attnkit.analysis.metrics import measure
 from attnkit.analysis.roles import probe, repeated_tokens
@@ -75,7 +75,7 @@ def test_all_to_first_is_a_sink_with_ratio_1_labelled_by_its_token():
     assert m.table["sink_first"][0].tolist() == pytest.approx([1.0, 1.0 / T])
     assert m.table["sink_top"][0, 0].item() == pytest.approx(1.0)
     assert m.table["sink_mass"][0, 0].item() == pytest.approx(1.0)
-    assert m.sinks == [(0, "[CLS]", pytest.approx(1.0))]
+    assert m.sinks == [(0, "[CLS]", pytest.approx((1.0 + 1.0 / T) / 2))], "mass: the mean over heads"
     assert "sink" in m.roles[0][0] and "sink" not in m.roles[0][1]
     assert m.table["self"][0, 1].item() == pytest.approx(1.0) and "self" in m.roles[0][1]
 
@@ -160,9 +160,10 @@ def test_mds_recovers_points_on_a_line_and_clustering_cuts_at_the_gap():
     d = (x[:, None] - x[None]).abs()
     emb = classical_mds(d)
     torch.testing.assert_close(torch.cdist(emb, emb), d, atol=1e-4, rtol=0)
-    assert average_linkage(d, 2).tolist() == [0, 0, 0, 1, 1]
+    assert k_medoids(d, 2).tolist() == [0, 0, 0, 1, 1]
+    assert k_medoids(d, 9).tolist() == [0, 1, 2, 3, 4], "more clusters than heads: one each"
     with pytest.raises(InvalidOption, match="clusters=0"):
-        average_linkage(d, 0)
+        k_medoids(d, 0)
 
 
 @pytest.mark.parametrize(

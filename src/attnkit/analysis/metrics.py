@@ -20,7 +20,9 @@ Per head (``HeadMetrics.table``, each ``[L, H]``):
   received mass ``alpha_j`` over the real queries that see it; keys seen by fewer than half of the real queries
   (the last ones of a causal input) are not candidates. ``sink_top``: the largest ``alpha_j`` of the head (mean
   over inputs); a head with ``sink_top > sink_threshold`` has the role ``sink``. The model's sink keys are those
-  any head gives more than the threshold; ``sink_mass``: a head's mass on them.
+  that at least 10% of the heads (``SINK_HEAD_SHARE``; at least one) give more than the threshold, so that one
+  head reading a content word is no sink; ``sink_mass``: a head's mass on them. ``HeadMetrics.sinks`` lists
+  them by token, with the mean mass they receive over all heads.
 - ``noop_fraction``: the share of real queries that are no-op (Bondarenko et al. 2023): mass on the model's
   sink keys ``>= noop_mass`` (0.8) and update ``||sum_j A_ij v_j|| <= noop_update`` (0.5) x the layer's mean
   value norm ``||v_j||`` (over its heads and real tokens). NaN when the capture has no values. Role ``no-op``
@@ -43,6 +45,7 @@ from ..errors import InvalidOption, ShapeError
 from . import cluster, roles
 from .maps import AttentionMaps, HeadMetrics
 
+SINK_HEAD_SHARE = 0.1  # a key is one of the model's sinks when this share of its heads park > threshold on it
 DESCRIPTIONS = {
     "entropy": "entropy of the attention row, nats (mean over real queries)",
     "entropy_norm": "entropy / ln(keys the query sees): 1 = uniform, 0 = one key",
@@ -119,7 +122,7 @@ def measure(
         roles=_roles(table, role_threshold, sink_threshold),
         js=js,
         embedding=cluster.classical_mds(js),
-        clusters=cluster.average_linkage(js, clusters),
+        clusters=cluster.k_medoids(js, clusters),
     )
 
 
@@ -238,18 +241,18 @@ def _sinks(maps: AttentionMaps, p: list[torch.Tensor], queries: torch.Tensor, th
         alphas.append(alpha)
     alpha = torch.stack(alphas)  # [L, B, H, T]
     top = alpha.amax(-1).mean(1)  # [L, H]
-    best = alpha.amax((0, 2))  # [B, T]: the most any head gives key j
-    keys = best > threshold
-    return _label_sinks(maps, keys, best), keys, top
+    share = (alpha > threshold).float().mean((0, 2))  # [B, T]: the share of heads for which key j is a sink
+    keys = (share >= SINK_HEAD_SHARE) & (alpha > threshold).any(0).any(1)
+    return _label_sinks(maps, keys, alpha.mean((0, 2))), keys, top
 
 
-def _label_sinks(maps: AttentionMaps, keys: torch.Tensor, best: torch.Tensor) -> list[tuple[int, str, float]]:
+def _label_sinks(maps: AttentionMaps, keys: torch.Tensor, mass: torch.Tensor) -> list[tuple[int, str, float]]:
     """One ``(position, label, mass)`` per sink label (token string, or ``#position``): its most common position
-    and the mean over its occurrences of the most mass one head gives it."""
+    and the mean over its occurrences of the mass it receives, averaged over every head (``mass [B, T]``)."""
     found: dict[str, list[tuple[int, float]]] = {}
     for b, j in keys.nonzero().tolist():
         label = maps.tokens[b][j] if maps.tokens is not None else f"#{j}"
-        found.setdefault(label, []).append((j, float(best[b, j])))
+        found.setdefault(label, []).append((j, float(mass[b, j])))
     out = []
     for label, hits in found.items():
         position = Counter(j for j, _ in hits).most_common(1)[0][0]
