@@ -7,11 +7,13 @@ for the ``L*H <= a few hundred`` heads of one capture it is instant.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..errors import InvalidOption
 
-MAX_ROWS = 512  # query rows compared per head pair; more are subsampled evenly (the distances are means)
+MAX_ROWS = 256  # query rows compared per head pair; more are subsampled evenly (the distances are means)
 
 
 def head_rows(p: list[torch.Tensor], queries: torch.Tensor, max_rows: int = MAX_ROWS) -> torch.Tensor:
@@ -28,20 +30,23 @@ def head_rows(p: list[torch.Tensor], queries: torch.Tensor, max_rows: int = MAX_
 
 def js_distances(rows: torch.Tensor) -> torch.Tensor:
     """``[K, K]``: mean over the shared rows of the Jensen–Shannon distance (square root of the divergence in
-    bits, so in [0, 1]: 0 for identical rows, 1 for rows with disjoint support) between heads ``a`` and ``b``."""
+    bits, so in [0, 1]: 0 for identical rows, 1 for rows with disjoint support) between heads ``a`` and ``b``.
+
+    ``JSD(P, Q) = H((P + Q) / 2) - (H(P) + H(Q)) / 2``: one entropy per pair of rows, the rows' own computed once."""
     k = rows.shape[0]
     out = torch.zeros(k, k)
-    ln2 = torch.log(torch.tensor(2.0))
-    for a in range(k):
-        m = 0.5 * (rows[a : a + 1] + rows[a:])  # [K - a, N, T]
-        kl_a = (torch.special.xlogy(rows[a : a + 1], rows[a : a + 1]) - torch.special.xlogy(rows[a : a + 1], m)).sum(-1)
-        kl_b = (torch.special.xlogy(rows[a:], rows[a:]) - torch.special.xlogy(rows[a:], m)).sum(-1)
-        jsd = (0.5 * (kl_a + kl_b) / ln2).clamp(0.0, 1.0)  # [K - a, N] bits
+    own = _entropy(rows)  # [K, N] nats
+    for a in range(k - 1):
+        mixed = _entropy(0.5 * (rows[a : a + 1] + rows[a + 1 :]))  # [K - a - 1, N]
+        jsd = ((mixed - 0.5 * (own[a : a + 1] + own[a + 1 :])) / math.log(2)).clamp(0.0, 1.0)  # bits
         dist = jsd.sqrt().mean(-1)
-        out[a, a:] = dist
-        out[a:, a] = dist
-    out.fill_diagonal_(0.0)
+        out[a, a + 1 :] = dist
+        out[a + 1 :, a] = dist
     return out
+
+
+def _entropy(p: torch.Tensor) -> torch.Tensor:
+    return -torch.special.xlogy(p, p).sum(-1)
 
 
 def classical_mds(d: torch.Tensor, dims: int = 2) -> torch.Tensor:

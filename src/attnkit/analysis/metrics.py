@@ -4,7 +4,8 @@ Every metric reads a row of weights as a distribution ``p_i``: negative weights 
 kernel mechanisms with signed features, of decay mechanisms without a normaliser) are clamped at 0 and the row
 divided by its sum. For softmax heads that changes nothing; for the others ``row_sum`` (the raw rows' mean sum)
 and ``negative_mass`` say how far the raw weights are from a distribution. No-op detection uses the raw
-weights: it asks what the head adds, ``sum_j A_ij v_j``.
+weights: it asks what the head adds, ``sum_j A_ij v_j``. The averages run over the real queries whose rows
+hold some positive weight in every head (padded queries and all-zero rows are left out).
 
 Per head (``HeadMetrics.table``, each ``[L, H]``):
 
