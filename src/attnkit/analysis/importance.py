@@ -177,8 +177,11 @@ def _ablation(model: nn.Module, inputs: Any, gates: _Gates, objective: _Objectiv
 def _progress(items: list, show: bool):
     if not show:
         return items
-    from tqdm.auto import tqdm  # shipped with transformers; only asked for when a bar is wanted
-
+    try:
+        from tqdm.auto import tqdm  # comes with transformers; not a dependency of attnkit itself
+    except ImportError:
+        log.info("tqdm is not installed: ablating %d heads without a progress bar", len(items))
+        return items
     return tqdm(items, desc="ablating heads", unit="head")
 
 
