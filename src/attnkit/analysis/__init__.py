@@ -5,6 +5,11 @@ self-contained HTML page). ``attnkit analyze`` is the command; DESIGN §5 and re
 
 from __future__ import annotations
 
+from . import metrics
+from .capture import capture
+from .importance import importance
 from .maps import AttentionMaps, HeadMetrics
+from .metrics import measure
+from .roles import probe
 
-__all__ = ["AttentionMaps", "HeadMetrics"]
+__all__ = ["AttentionMaps", "HeadMetrics", "capture", "importance", "measure", "metrics", "probe"]
