@@ -195,11 +195,11 @@ def _check_head(mech: Mechanism, head: int, heads: int) -> None:
         raise InvalidOption(f"head={head!r} is not valid for {mech.name} with {heads} heads; expected 0..{heads - 1}")
 
 
-def _run(mech: Mechanism, q, k, v, *, pattern: Pattern, spatial_shape, path: str) -> torch.Tensor:
-    """One call with q, k repeated over v's batch: ``[B, T, H, D]``."""
+def _run(mech: Mechanism, q, k, v, *, pattern: Pattern, spatial_shape, path: str = "auto", **more: Any) -> torch.Tensor:
+    """One call with q, k repeated over v's batch: ``[B, T, H, D]`` (``more``: key_padding_mask, scale)."""
     b = v.shape[0]
     q, k = q.expand(b, -1, -1, -1), k.expand(b, -1, -1, -1)
-    return mech(q, k, v, pattern=pattern, spatial_shape=spatial_shape, path=path).float()
+    return mech(q, k, v, pattern=pattern, spatial_shape=spatial_shape, path=path, **more).float()
 
 
 def _check_linear(mech: Mechanism, q, k, gen: torch.Generator, **call: Any) -> None:
@@ -219,14 +219,42 @@ def _check_linear(mech: Mechanism, q, k, gen: torch.Generator, **call: Any) -> N
 
 def _one_hot_weights(mech: Mechanism, q, k, **call: Any) -> torch.Tensor:
     """``[H, Tq, Tk]``: v = the identity over the keys, in slices of D columns (one batch row per slice)."""
-    _, n, heads, d = k.shape
+    return one_hot_weights(mech, q, k, **call)[0]
+
+
+def one_hot_weights(
+    mech: Mechanism,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    *,
+    value_dim: int | None = None,
+    key_padding_mask: torch.Tensor | None = None,
+    with_offset: bool = False,
+    **call: Any,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The implicit attention matrix of one input: ``[1, Hq, Tq, Tk]`` float32, read out with one-hot values.
+
+    ``q [1, Tq, Hq, Dk]``, ``k [1, Tk, Hkv, Dk]`` (one input; GQA allowed), ``key_padding_mask [1, Tk]`` or None;
+    ``call`` holds the rest of the mechanism's call (``pattern``, ``spatial_shape``, ``scale``, ``path``).
+    ``value_dim`` is the width of the one-hot values (default ``Dk``; pass the real call's ``Dv`` so that a
+    mechanism sized by it sees the same shapes). Exact for a mechanism affine in v: ``out = A v + c``, with
+    ``c = out(v = 0)`` subtracted (``with_offset=True`` returns ``(A, c)``, ``c [1, Tq, Hq, D]``). The caller
+    checks that it is (:func:`weights` on a random pair, ``attnkit.analysis.capture`` against the real output):
+    this only reads."""
+    _, n, kv_heads, dk = k.shape
+    d = dk if value_dim is None else value_dim
     slices = math.ceil(n / d)
     keys = torch.arange(n)
-    v = torch.zeros(slices + 1, n, heads, d)  # batch row s holds the one-hot values of keys s*D .. s*D + D - 1
+    v = torch.zeros(slices + 1, n, kv_heads, d, dtype=q.dtype, device=q.device)  # row s: one-hot keys s*D ..
     v[keys // d, keys, :, keys % d] = 1.0  # the last row stays 0: the affine part, subtracted
-    out = _run(mech, q, k, v, **call)
-    out = out[:-1] - out[-1:]  # [S, Tq, H, D]: out[s, i, h, c] = weight of key s*D + c
-    return out.permute(2, 1, 0, 3).reshape(heads, out.shape[1], slices * d)[..., :n]
+    if key_padding_mask is not None:
+        call["key_padding_mask"] = key_padding_mask.expand(slices + 1, -1)
+    out = _run(mech, q, k, v, **call)  # [S + 1, Tq, Hq, D]
+    offset = out[-1:]  # [1, Tq, Hq, D]
+    out = out[:-1] - offset  # [S, Tq, Hq, D]: out[s, i, h, c] = weight of key s*D + c
+    heads = out.shape[2]
+    a = out.permute(2, 1, 0, 3).reshape(heads, out.shape[1], slices * d)[None, ..., :n]
+    return (a, offset) if with_offset else a
 
 
 # ---- drawing ----------------------------------------------------------------------------------------------

@@ -5,7 +5,8 @@ self-contained HTML page). ``attnkit analyze`` is the command; DESIGN §5 and re
 
 from __future__ import annotations
 
+from .capture import capture
 from .maps import AttentionMaps, HeadMetrics
 from .page import write_page
 
-__all__ = ["AttentionMaps", "HeadMetrics", "write_page"]
+__all__ = ["AttentionMaps", "HeadMetrics", "capture", "write_page"]
