@@ -5,8 +5,12 @@ self-contained HTML page). ``attnkit analyze`` is the command; DESIGN §5 and re
 
 from __future__ import annotations
 
+from . import metrics
 from .capture import capture
+from .importance import importance
 from .maps import AttentionMaps, HeadMetrics
+from .metrics import measure
 from .page import write_page
+from .roles import probe
 
-__all__ = ["AttentionMaps", "HeadMetrics", "capture", "write_page"]
+__all__ = ["AttentionMaps", "HeadMetrics", "capture", "importance", "measure", "metrics", "probe", "write_page"]
