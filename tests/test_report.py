@@ -12,17 +12,8 @@ import pytest
 
 from attnkit.bench.store import Store
 from attnkit.report import build_report
+from browser import CHROMIUM_FLAGS, chromium_or_skip
 
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 LENGTHS = [256, 512, 1024, 2048]
 
 
@@ -183,11 +174,7 @@ def test_report_is_self_contained_and_complete(store_path, tmp_path):
 
 
 def test_report_opens_in_headless_chromium(store_path, tmp_path):
-    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-    if not chromium:
-        if os.environ.get("ATTNKIT_REQUIRE_CHROMIUM"):
-            pytest.fail("chromium is required here (ATTNKIT_REQUIRE_CHROMIUM) but not installed")
-        pytest.skip("chromium is not installed (.ci/run installs the Debian package)")
+    chromium = chromium_or_skip()
     page = build_report(store_path, tmp_path / "report.html")
     profile = tmp_path / "profile"
     dom = subprocess.run(

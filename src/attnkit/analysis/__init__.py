@@ -10,6 +10,7 @@ from .capture import capture
 from .importance import importance
 from .maps import AttentionMaps, HeadMetrics
 from .metrics import measure
+from .page import write_page
 from .roles import probe
 
-__all__ = ["AttentionMaps", "HeadMetrics", "capture", "importance", "measure", "metrics", "probe"]
+__all__ = ["AttentionMaps", "HeadMetrics", "capture", "importance", "measure", "metrics", "probe", "write_page"]

@@ -8,7 +8,7 @@ import sys
 
 from .. import __version__
 from ..errors import AttnkitError
-from . import bench, catalog, viz
+from . import analyze, bench, catalog, viz
 
 PROG_DESCRIPTION = """\
 attnkit: attention mechanisms behind one interface.
@@ -25,6 +25,7 @@ and can decode with state.
   attnkit report               the HTML report of everything in the store
   attnkit export               the stored results as CSV or JSON
   attnkit demo                 quick benchmark + fidelity + report, in a few minutes
+  attnkit analyze              one HTML page of a real model's attention: sinks, no-op heads, roles
 """
 
 
@@ -38,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     catalog.add_parsers(sub)
     viz.add_parsers(sub)
     bench.add_parsers(sub)
+    analyze.add_parsers(sub)
     return parser
 
 
