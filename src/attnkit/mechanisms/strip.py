@@ -237,8 +237,15 @@ class Strip(Mechanism):
         k_small = torch.einsum("bshd,hdc->bshc", k_cells, self.k_compress.to(compute))  # [B, S, H, D_c]
         seen = cells_real(real, r)  # [B, S]
         anything = seen.any(-1)  # [B]: a batch row with no real cell attends to all (finite), zeroed below
-        mask = (seen | ~anything[:, None])[:, None, None, :]  # [B, 1, 1, S]
-        out = sdpa(q_small, k_small, v_cells, scale=self.ssa_scale(x), mask=mask)  # [B, T, H, Dv]
+        # no mask when every cell holds a real key: SDPA's fused kernel then runs
+        mask = None if bool(seen.all()) else (seen | ~anything[:, None])[:, None, None, :]  # [B, 1, 1, S]
+        # the fused CPU kernel needs one head dim for q, k and v (D_c < Dv falls back to the unfused math kernel,
+        # 5x slower at 4096 x 1024): zero channels added to q and k leave every score as it is
+        width = max(q_small.shape[-1], v_cells.shape[-1])
+        q_small, k_small = (F.pad(t, (0, width - t.shape[-1])) for t in (q_small, k_small))
+        dv = v_cells.shape[-1]
+        v_cells = F.pad(v_cells, (0, width - dv))
+        out = sdpa(q_small, k_small, v_cells, scale=self.ssa_scale(x), mask=mask)[..., :dv]  # [B, T, H, Dv]
         out = torch.where(anything[:, None, None, None], out, zero)
         return out.to(x.q.dtype), None
 
