@@ -281,3 +281,24 @@ def test_flops_count_the_scans_along_the_calls_grid():
     assert mech.flops(one._replace(grid=(1, 64)), nc) == field * (2 + 5 + 2)  # an axis of one needs no scan
     assert mech.flops(one._replace(grid=(64,)), nc) == mech.flops(one, nc)  # 1-D: the chunked scans' count
     assert mech.flops(one, Pattern.CAUSAL_SELF) == mech.flops(one._replace(grid=(64,)), Pattern.CAUSAL_SELF)
+
+
+@pytest.mark.parametrize("gamma", [0.999, 0.5, 1e-3])
+def test_manhattan_axis_filters_agree(gamma, monkeypatch):
+    """The dense n x n matmul (short axes) and the two-sided scan (long axes) are the same filter."""
+    from attnkit.ops import manhattan
+
+    x = torch.randn(2, 3, 9, 7, 4, dtype=torch.float64)  # [B, H, rows, cols, F]
+    log_decay = torch.log(torch.tensor([gamma, 0.9, 0.2], dtype=torch.float64))
+    for dim in (2, 3):
+        by_matmul = manhattan.two_sided_matmul(x, log_decay, dim)
+        decay = torch.exp(log_decay).view(1, 3, 1, 1)
+        by_scan = manhattan.two_sided_filter(x, decay, dim)
+        torch.testing.assert_close(by_matmul, by_scan, rtol=1e-12, atol=1e-12)
+    # and through the mechanism: every axis scanned gives the same output as every axis multiplied
+    q, k, v = (torch.randn(1, 63, 2, 8) for _ in range(3))
+    mech = attnkit.create("retention", gammas=(gamma,))
+    dense = mech(q, k, v, pattern="noncausal_self", spatial_shape=(7, 9))
+    monkeypatch.setattr(manhattan, "MATMUL_AXIS", 1)
+    scanned = mech(q, k, v, pattern="noncausal_self", spatial_shape=(7, 9))
+    torch.testing.assert_close(dense, scanned, rtol=2e-5, atol=2e-5)
