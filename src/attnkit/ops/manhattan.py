@@ -17,19 +17,22 @@ instead of the scan's few, but one BLAS call instead of n small steps, several t
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 MATMUL_AXIS = 256  # longest axis filtered by a dense n x n matmul; longer ones are scanned
 
 
 def two_sided_matmul(x: torch.Tensor, log_decay: torch.Tensor, dim: int) -> torch.Tensor:
-    """``y_i = sum_j g^|i-j| x_j`` along ``dim`` (>= 2) of ``x [B, H, ...]``, ``log_decay [H]``, by one matmul."""
+    """``y_i = sum_j g^|i-j| x_j`` along ``dim`` (>= 2) of a contiguous ``x [B, H, ...]``, ``log_decay [H]``, by
+    one batched matmul on a view (no copy of x): ``[H, n, n] @ [B, H, before, n, after]``."""
     n = x.shape[dim]
     pos = torch.arange(n, device=x.device, dtype=x.dtype)
     gamma = torch.exp((pos[:, None] - pos[None, :]).abs() * log_decay.to(x.dtype).view(-1, 1, 1))  # [H, n, n]
-    moved = x.movedim(dim, 2)  # [B, H, n, ...]
-    flat = moved.reshape(*moved.shape[:3], -1)  # [B, H, n, R]
-    return (gamma @ flat).reshape(moved.shape).movedim(2, dim)
+    b, h = x.shape[:2]
+    before, after = math.prod(x.shape[2:dim]), math.prod(x.shape[dim + 1 :])
+    return (gamma.view(1, h, 1, n, n) @ x.reshape(b, h, before, n, after)).view(x.shape)
 
 
 def two_sided_filter(x: torch.Tensor, decay: torch.Tensor, dim: int) -> torch.Tensor:
