@@ -7,6 +7,7 @@ import inspect
 from typing import Any
 
 import torch
+import torch.distributed
 from torch import nn
 
 from ..api import create
@@ -36,6 +37,11 @@ class Attention(nn.Module):
             has no shared positions).
         context_dim: width of ``context`` for cross patterns. Default: ``dim``.
         proj_bias: whether the projections have a bias.
+        context_parallel: split the sequence over the ranks of a ``torch.distributed`` group: ``True`` (the
+            default group) or a ``ProcessGroup``. Each rank then passes its shard of ``x`` in ``cp_layout``
+            (``attnkit.distributed.shard``) and gets its shard of the output; the mechanism runs through
+            ``attnkit.distributed.attend`` with ``cp_strategy``, and RoPE uses the global positions. Weight gradients
+            are each rank's share: all-reduce them (DDP does). No decoding state.
         **options: the mechanism's options. None is named like an argument above (a registered mechanism
             whose option is gets refused as ambiguous when that argument is given).
     """
@@ -54,6 +60,9 @@ class Attention(nn.Module):
         context_dim: int | None = None,
         proj_bias: bool = False,
         sparse_query_heads: int | None = None,
+        context_parallel: Any = None,
+        cp_layout: str = "zigzag",
+        cp_strategy: str = "auto",
         **options: Any,
     ):
         super().__init__()
@@ -95,6 +104,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(heads * head_dim, dim, bias=proj_bias)
         self.mechanism = create(mechanism, heads=heads, head_dim=head_dim, **options)
         check_pattern(self.mechanism, self.pattern)
+        self.context_parallel, self.cp_layout, self.cp_strategy = _check_cp(context_parallel, cp_layout, cp_strategy,
+                                                                            self.pattern)  # fmt: skip
 
     def _check_input(self, label: str, t: object, width: int, batch: int | None = None) -> None:
         """``t`` must be a ``[B, T, width]`` tensor with the projections' dtype and device (and x's batch)."""
@@ -148,6 +159,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, t, self.heads, self.head_dim)
         k = self.k_proj(src).view(b, src.shape[1], self.kv_heads, self.head_dim)
         v = self.v_proj(src).view(b, src.shape[1], self.kv_heads, self.head_dim)
+        if self.context_parallel is not None:
+            return self._context_parallel(q, k, v, pattern, key_padding_mask, state, return_state, spatial_shape)
         if self.rope:
             start = state.offset if state is not None else 0
             pos = torch.arange(start, start + t, device=x.device)
@@ -166,6 +179,28 @@ class Attention(nn.Module):
         y = self.o_proj(out.reshape(b, t, self.heads * self.head_dim))
         return (y, new_state) if return_state else y
 
+    def _context_parallel(self, q, k, v, pattern, key_padding_mask, state, return_state, spatial_shape):
+        """This rank's shard through ``attnkit.distributed.attend`` (q, k, v: ``[B, n, H, D]`` of the local tokens)."""
+        from .. import distributed
+
+        if state is not None or return_state:
+            raise InvalidOption(
+                "a layer with context_parallel has no decoding state: pass no state, return_state=False"
+            )
+        if spatial_shape is not None:
+            raise InvalidOption("a layer with context_parallel splits a 1-D sequence; spatial_shape is not taken")
+        group = None if self.context_parallel is True else self.context_parallel
+        b, n = q.shape[:2]
+        if self.rope:  # the global positions of this rank's tokens
+            world = torch.distributed.get_world_size(group) if torch.distributed.is_initialized() else 1
+            rank = torch.distributed.get_rank(group) if torch.distributed.is_initialized() else 0
+            distributed.layout.check_length(n * world, world, self.cp_layout)
+            pos = distributed.positions(n * world, world, rank, self.cp_layout).to(q.device)
+            q, k = apply_rope(q, pos, self.rope_base), apply_rope(k, pos, self.rope_base)
+        out = distributed.attend(q, k, v, self.mechanism, pattern=pattern, group=group, strategy=self.cp_strategy,
+                                 layout=self.cp_layout, key_padding_mask=key_padding_mask)  # fmt: skip
+        return self.o_proj(out.reshape(b, n, self.heads * self.head_dim))
+
 
 # the layer's own arguments and their defaults (what a mechanism option must not be named)
 _DEFAULTS = {
@@ -173,6 +208,23 @@ _DEFAULTS = {
     for p in inspect.signature(Attention.__init__).parameters.values()
     if p.name != "self" and p.kind is not p.VAR_KEYWORD
 }
+
+
+def _check_cp(group: Any, layout: str, strategy: str, pattern: Pattern):
+    """``context_parallel``: None/False (off), True (the default group) or a ProcessGroup."""
+    if group is None or group is False:
+        return None, layout, strategy
+    if group is not True and not isinstance(group, torch.distributed.ProcessGroup):
+        raise InvalidOption(
+            f"context_parallel={group!r} is not valid; expected None, True (the default group) or a ProcessGroup"
+        )
+    if not pattern.is_self:
+        raise InvalidOption(
+            f"context_parallel needs a self pattern (one sequence split over ranks); got {pattern.value}"
+        )
+    from ..distributed.layout import check_layout
+
+    return group, check_layout(layout), strategy
 
 
 def _refuse_ambiguous(mechanism: object, given: dict[str, Any]) -> None:
