@@ -128,12 +128,21 @@ def merge(
     out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fold one block's (out, lse) into the running (out, lse) (stats dtype), the stable sigmoid form (ring-flash-
-    attention PR #34, torch CP, NATTEN). Either side may be -inf (nothing seen yet, or nothing in the block)."""
+    attention PR #34, torch CP, NATTEN). Either side may be -inf (nothing seen yet, or nothing in the block).
+    Returns new tensors; :func:`merge_` updates ``out`` and ``lse`` in place (no temporaries the size of out)."""
+    out, lse = out.clone(), lse.clone()
+    merge_(out, lse, block_out, block_lse)
+    return out, lse
+
+
+def merge_(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor) -> None:
+    """:func:`merge` in place: ``out [..., S, Dv]`` and ``lse [..., S]`` (views allowed) become the merged ones."""
     diff = block_lse - lse  # [B, H, S]
     diff = torch.where(torch.isnan(diff), float("-inf"), diff)  # both -inf: the block adds nothing
     weight = torch.sigmoid(diff)[..., None]  # e^{lse_b} / (e^{lse} + e^{lse_b})
-    out = out - weight * (out - block_out.to(out.dtype))
-    return out, torch.logaddexp(lse, block_lse)
+    step = block_out.to(out.dtype) - out
+    out.add_(step.mul_(weight))  # out + w (block_out - out)
+    lse.copy_(torch.logaddexp(lse, block_lse))
 
 
 # ---- the plain-PyTorch block (any device, dtype, Dk != Dv) -------------------------------------------------------

@@ -1,7 +1,7 @@
 """The ``ring`` strategy: softmax-family attention with K/V rotating around the ranks (research §1.2-§1.5).
 
 Every rank keeps its queries. W times, it attends them to the K/V block it holds (its own first, then the one rank
-r - s sent), merges the block's (out, lse) into its running result in fp32 (:func:`_common.merge`), and passes the
+r - s sent), merges the block's (out, lse) into its running result in fp32 (:func:`_common.merge_`, in place), and passes the
 block on with one ``batch_isend_irecv``: W - 1 rotations forward. Backward recomputes nothing from autograd: each
 block's backward gets the MERGED out and lse (its weights are then the global ones), dQ stays home, and dK/dV travel
 with their block, coming home after W hops (two tags: K/V and dK/dV move at once).
@@ -31,7 +31,7 @@ from ..errors import ShapeError
 from ..mechanism import Mechanism
 from ..ops.gqa import repeat_kv
 from ..patterns import Pattern
-from ._common import BlockMask, block_backward, block_forward, merge, stats_dtype
+from ._common import BlockMask, block_backward, block_forward, merge_, stats_dtype
 from .api import CPCall, Strategy, register_strategy
 from .layout import positions
 
@@ -154,91 +154,92 @@ class RingSetup:
 
 
 class _Shift:
-    """One ring rotation in flight: ``send`` goes to rank r + 1 while the same-sized block arrives from r - 1."""
+    """One ring rotation in flight: ``sends`` go to rank r + 1 while same-sized tensors arrive from r - 1 (one
+    ``batch_isend_irecv``: one exchange)."""
 
-    def __init__(self, send: torch.Tensor, setup: RingSetup, tag: int):
-        self.recv = torch.empty_like(send)
+    def __init__(self, sends: list[torch.Tensor], setup: RingSetup, tag: int):
+        self.recvs = [torch.empty_like(t) for t in sends]
         peer = (lambda r: r) if setup.group is None else (lambda r: dist.get_global_rank(setup.group, r))
         nxt, prv = peer((setup.rank + 1) % setup.world), peer((setup.rank - 1) % setup.world)
-        ops = [
-            dist.P2POp(dist.isend, send, nxt, group=setup.group, tag=tag),
-            dist.P2POp(dist.irecv, self.recv, prv, group=setup.group, tag=tag),
-        ]
+        ops = [dist.P2POp(dist.isend, t, nxt, group=setup.group, tag=tag) for t in sends]
+        ops += [dist.P2POp(dist.irecv, t, prv, group=setup.group, tag=tag) for t in self.recvs]
         self.works = dist.batch_isend_irecv(ops)
         self.timeout = timedelta(seconds=setup.timeout)
         TRAFFIC.exchanges += 1
-        TRAFFIC.bytes_sent += send.numel() * send.element_size()
+        TRAFFIC.bytes_sent += sum(t.numel() * t.element_size() for t in sends)
         TRAFFIC.by_tag[tag] = TRAFFIC.by_tag.get(tag, 0) + 1
 
-    def wait(self) -> torch.Tensor:
+    def wait(self) -> list[torch.Tensor]:
         for work in self.works:
             work.wait(self.timeout)
-        return self.recv
+        return self.recvs
 
 
-def _pack(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """One flat buffer holding a then b (one message per rotation)."""
-    return torch.cat([a.reshape(-1).to(dtype or a.dtype), b.reshape(-1).to(dtype or b.dtype)])
-
-
-def _unpack(flat: torch.Tensor, like_a: torch.Tensor, like_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    split = like_a.numel()
-    return flat[:split].view(like_a.shape), flat[split:].view(like_b.shape)
+def _heads_first(t: torch.Tensor) -> torch.Tensor:
+    return t.transpose(1, 2)  # [B, n, H, D] <-> [B, H, n, D], a view
 
 
 class RingAttention(torch.autograd.Function):
-    """``q [B, Hq, n, Dk]``, ``k [B, Hkv, n, Dk]``, ``v [B, Hkv, n, Dv]`` (this rank's) -> out ``[B, Hq, n, Dv]``."""
+    """``q [B, n, Hq, Dk]``, ``k [B, n, Hkv, Dk]``, ``v [B, n, Hkv, Dv]`` (this rank's) -> out ``[B, n, Hq, Dv]``.
+
+    Blocks are computed heads first on transposed views; K/V travel as the contiguous ``[B, n, H, D]`` tensors they
+    are (no packing copy), and the output and gradients are built in that memory order (no copy at the end).
+    """
 
     @staticmethod
     def forward(ctx, q, k, v, setup: RingSetup):
         stats = stats_dtype(q.dtype)
-        out = q.new_zeros(*q.shape[:3], v.shape[-1], dtype=stats)
-        lse = q.new_full(q.shape[:3], float("-inf"), dtype=stats)
-        held = _pack(k, v)  # the K/V block this rank holds at this step
+        out_t = q.new_zeros(*q.shape[:3], v.shape[-1], dtype=stats)  # [B, n, Hq, Dv]
+        out, q_h = _heads_first(out_t), _heads_first(q)
+        lse = q.new_full((q.shape[0], q.shape[2], q.shape[1]), float("-inf"), dtype=stats)  # [B, Hq, n]
+        k, v = k.contiguous(), v.contiguous()
+        held = [k, v]  # the K/V block this rank holds at this step
         for step in range(setup.world):
             shift = _Shift(held, setup, TAG_KV) if step < setup.world - 1 else None
             block = setup.blocks[step]
             if block is not None:
-                kk, vv = _unpack(held, k, v)
+                kk, vv = (_heads_first(t) for t in held)
                 r, c = block.rows, block.cols
-                b_out, b_lse = block_forward(q[:, :, r], kk[:, :, c], vv[:, :, c], setup.block_mask(step), setup.scale)
-                out[:, :, r], lse[:, :, r] = merge(out[:, :, r], lse[:, :, r], b_out, b_lse)
+                b_out, b_lse = block_forward(
+                    q_h[:, :, r], kk[:, :, c], vv[:, :, c], setup.block_mask(step), setup.scale
+                )
+                merge_(out[:, :, r], lse[:, :, r], b_out, b_lse)
             if shift is not None:
                 held = shift.wait()
-        out = out.to(q.dtype)
+        result = out_t.to(q.dtype)
         ctx.setup = setup
-        ctx.save_for_backward(q, k, v, out, lse)
-        return out
+        ctx.save_for_backward(q, k, v, result, lse)
+        return result
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse = ctx.saved_tensors
         setup: RingSetup = ctx.setup
         stats = stats_dtype(q.dtype)
-        dq = torch.zeros(q.shape, dtype=stats, device=q.device)
-        held, travelling = _pack(k, v), None  # travelling: the dK/dV of the block arriving from r - 1
+        q_h, out_h, dout_h = _heads_first(q), _heads_first(out), _heads_first(dout)
+        dq_t = torch.zeros(q.shape, dtype=stats, device=q.device)
+        dq = _heads_first(dq_t)
+        held, travelling = [k, v], None  # travelling: the dK/dV of the block arriving from r - 1
         for step in range(setup.world):
             shift = _Shift(held, setup, TAG_KV) if step < setup.world - 1 else None
-            dk = torch.zeros(k.shape, dtype=stats, device=k.device)
-            dv = torch.zeros(v.shape, dtype=stats, device=v.device)
+            grads = [torch.zeros(t.shape, dtype=stats, device=t.device) for t in (k, v)]  # this block's dK, dV
             block = setup.blocks[step]
             if block is not None:
-                kk, vv = _unpack(held, k, v)
+                kk, vv = (_heads_first(t) for t in held)
                 r, c = block.rows, block.cols
-                g = block_backward(dout[:, :, r], q[:, :, r], kk[:, :, c], vv[:, :, c], out[:, :, r], lse[:, :, r],
-                                   setup.block_mask(step), setup.scale)  # fmt: skip
+                g = block_backward(dout_h[:, :, r], q_h[:, :, r], kk[:, :, c], vv[:, :, c], out_h[:, :, r],
+                                   lse[:, :, r], setup.block_mask(step), setup.scale)  # fmt: skip
                 dq[:, :, r] += g[0]
-                dk[:, :, c] += g[1]
-                dv[:, :, c] += g[2]
-            grads = _pack(dk, dv)
+                _heads_first(grads[0])[:, :, c] += g[1]
+                _heads_first(grads[1])[:, :, c] += g[2]
             if travelling is not None:
-                grads = grads + travelling.wait()
+                for mine, arrived in zip(grads, travelling.wait(), strict=True):
+                    mine += arrived
             travelling = _Shift(grads, setup, TAG_DKV) if setup.world > 1 else None
             if shift is not None:
                 held = shift.wait()
-        home = travelling.wait() if travelling is not None else grads  # after W hops: this rank's own dK/dV
-        dk, dv = _unpack(home, k, v)
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
+        dk, dv = travelling.wait() if travelling is not None else grads  # after W hops: this rank's own dK/dV
+        return dq_t.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
 
 
 # ---- the strategy -----------------------------------------------------------------------------------------------
@@ -304,5 +305,4 @@ class Ring(Strategy):
             blocks.append(None if dead else plan_block(vis, every_pos[call.rank], every_pos[src]))
         setup = RingSetup(call.group, call.rank, call.world, call.scale, vis, every_pos, keys, blocks, call.timeout)
         log.debug("ring rank %d: blocks %s", call.rank, blocks)
-        out = RingAttention.apply(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), setup)
-        return out.transpose(1, 2).contiguous()  # [B, n, Hq, Dv]
+        return RingAttention.apply(q, k, v, setup)  # [B, n, Hq, Dv]
