@@ -1,10 +1,10 @@
 """The ``ring`` strategy: softmax-family attention with K/V rotating around the ranks (research §1.2-§1.5).
 
 Every rank keeps its queries. W times, it attends them to the K/V block it holds (its own first, then the one rank
-r - s sent), merges the block's (out, lse) into its running result in fp32 (:func:`_common.merge_`, in place), and passes the
-block on with one ``batch_isend_irecv``: W - 1 rotations forward. Backward recomputes nothing from autograd: each
-block's backward gets the MERGED out and lse (its weights are then the global ones), dQ stays home, and dK/dV travel
-with their block, coming home after W hops (two tags: K/V and dK/dV move at once).
+r - s sent), merges the block's (out, lse) into its running result in fp32 (:func:`_common.merge_`, in place), and
+passes the block on with one ``batch_isend_irecv``: W - 1 rotations forward. Backward recomputes nothing from
+autograd: each block's backward gets the MERGED out and lse (its weights are then the global ones), dQ stays home,
+and dK/dV travel with their block, coming home after W hops (two tags: K/V and dK/dV move at once).
 
 Which blocks and pairs are computed follows from global positions alone (``call.positions`` of each rank): a block
 whose keys all lie after the queries (causal) or out of the window is skipped, a block visible in full runs without
@@ -222,19 +222,18 @@ class RingAttention(torch.autograd.Function):
         held, travelling = [k, v], None  # travelling: the dK/dV of the block arriving from r - 1
         for step in range(setup.world):
             shift = _Shift(held, setup, TAG_KV) if step < setup.world - 1 else None
-            grads = [torch.zeros(t.shape, dtype=stats, device=t.device) for t in (k, v)]  # this block's dK, dV
-            block = setup.blocks[step]
+            block, g = setup.blocks[step], None
             if block is not None:
                 kk, vv = (_heads_first(t) for t in held)
                 r, c = block.rows, block.cols
                 g = block_backward(dout_h[:, :, r], q_h[:, :, r], kk[:, :, c], vv[:, :, c], out_h[:, :, r],
                                    lse[:, :, r], setup.block_mask(step), setup.scale)  # fmt: skip
                 dq[:, :, r] += g[0]
+            # the held block's dK/dV so far (arrived from r - 1, or zero at the first step): this block's share adds in
+            grads = travelling.wait() if travelling is not None else [torch.zeros_like(t, dtype=stats) for t in (k, v)]
+            if g is not None:
                 _heads_first(grads[0])[:, :, c] += g[1]
                 _heads_first(grads[1])[:, :, c] += g[2]
-            if travelling is not None:
-                for mine, arrived in zip(grads, travelling.wait(), strict=True):
-                    mine += arrived
             travelling = _Shift(grads, setup, TAG_DKV) if setup.world > 1 else None
             if shift is not None:
                 held = shift.wait()
