@@ -109,19 +109,30 @@ def _counts(rank, world, group):
     return counts
 
 
-def _layer_case(rank, world, group, layout):
-    """Attention(context_parallel=True) on this rank's shard vs the same layer on the whole sequence: the output rows
-    and the weight gradients (each rank's contribution all-reduced)."""
+LAYER_CASES = {  # id: (mechanism, options, pattern, layout, key padding)
+    "softmax-causal-zigzag": ("softmax", {}, "causal_self", "zigzag", False),
+    "softmax-causal-contiguous": ("softmax", {}, "causal_self", "contiguous", False),
+    "complex-noncausal-zigzag-padded": ("complex", {}, "noncausal_self", "zigzag", True),  # its weights too
+    "window-causal-contiguous-padded": ("sliding_window", {"window": 7}, "causal_self", "contiguous", True),
+}
+
+
+def _layer_case(rank, world, group, case):
+    """Attention(context_parallel=...) on this rank's shard vs the same layer on the whole sequence: the output rows
+    and the weight gradients (each rank's contribution all-reduced), fp64, RoPE on global positions, GQA."""
+    mech, options, pattern, layout, padded = LAYER_CASES[case]
     torch.manual_seed(3)
-    kw = dict(dim=16, heads=4, kv_heads=2, rope=True, mechanism="softmax", pattern="causal_self")
+    kw = dict(dim=16, heads=4, kv_heads=2, rope=mech != "complex", mechanism=mech, pattern=pattern, **options)
     layer = Attention(**kw).double()
-    cp = Attention(**kw, context_parallel=group or True, cp_layout=layout).double()
+    cp = Attention(**kw, context_parallel=group or True, cp_layout=layout, cp_strategy="ring").double()
     cp.load_state_dict(layer.state_dict())
     x = torch.randn(B, T, 16, dtype=torch.float64)
     dy = torch.randn(B, T, 16, dtype=torch.float64)
-    y = layer(x)
+    real = torch.rand(B, T) > 0.3 if padded else None
+    y = layer(x, key_padding_mask=real)
     y.backward(dy)
-    y_cp = cp(shard(x, world, rank, layout))
+    local_real = None if real is None else shard(real, world, rank, layout)
+    y_cp = cp(shard(x, world, rank, layout), key_padding_mask=local_real)
     y_cp.backward(shard(dy, world, rank, layout))
     err = (y_cp - shard(y.detach(), world, rank, layout)).abs().max().item()
     for p_one, p_cp in zip(layer.parameters(), cp.parameters(), strict=True):
@@ -136,8 +147,8 @@ def _run_all(rank, world, group=None):
     """Every check on this rank of a group of ``world`` ranks: {check id: max error (or counts)}."""
     results = {cid: _one_case(rank, world, group, seed, **kw) for seed, (cid, kw) in enumerate(_cases(world))}
     results["counts"] = _counts(rank, world, group)
-    for layout in LAYOUTS:
-        results[f"layer-{layout}"] = _layer_case(rank, world, group, layout)
+    for case in LAYER_CASES:
+        results[f"layer-{case}"] = _layer_case(rank, world, group, case)
     return results
 
 
@@ -191,10 +202,10 @@ def test_ring_rotates_kv_w_minus_1_times_forward_and_brings_dkv_home(world):
         assert fwd["collectives"] == (2 if world > 1 else 0) and bwd["collectives"] == 0
 
 
-@pytest.mark.parametrize("world", (1, 2, 3))
-@pytest.mark.parametrize("layout", LAYOUTS)
-def test_attention_layer_with_context_parallel_equals_one_process(world, layout):
-    errors = [r[f"layer-{layout}"] for r in _results(world)]
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("case", LAYER_CASES)
+def test_attention_layer_with_context_parallel_equals_one_process(world, case):
+    errors = [r[f"layer-{case}"] for r in _results(world)]
     assert max(errors) < 1e-10, errors
 
 

@@ -42,6 +42,8 @@ _WHY_NOT = {
     "gaussian": "gaussian re-weights each score by its row's mean and variance over all keys, not a per-pair bias "
     "a ring block can apply",
 }
+# torch 2.13 deprecates all_gather_into_tensor for all_gather_single (same c10d op)
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 TAG_KV, TAG_DKV = 11, 12  # K/V and dK/dV rotate at once in backward: one tag each
 
 
@@ -254,7 +256,7 @@ def _gather_keys(call: CPCall) -> list[torch.Tensor | None]:
         every = mine.view(1, b, n)
     else:
         flat = torch.empty(call.world * mine.numel(), dtype=torch.uint8, device=mine.device)
-        dist.all_gather_into_tensor(flat, mine, group=call.group)  # gloo: a flat output, not [W, ...]
+        _all_gather(flat, mine, group=call.group)  # gloo: a flat output, not [W, ...]
         every = flat.view(call.world, b, n)
     return [None if bool(m.all()) else m.bool() for m in every]
 
