@@ -129,6 +129,10 @@ class Mechanism(nn.Module):
     patterns: ClassVar[frozenset[Pattern]]
     exact: ClassVar[bool]
     trainable: ClassVar[bool] = False
+    # each head is computed from its own q, k, v heads alone, by the same function: running a subset of the heads
+    # gives those heads' outputs (no per-head parameters, options, decays or draws, no routing across heads).
+    # Context parallelism's ulysses strategy (heads split over the ranks) runs only such mechanisms.
+    heads_independent: ClassVar[bool] = False
     spatial: ClassVar[bool] = False
     # spatial mechanisms: the grid ranks (1-D, 2-D, 3-D) the conformance suite exercises
     spatial_dims: ClassVar[tuple[int, ...]] = (2,)

@@ -76,6 +76,7 @@ class BilevelRoutingOptions:
 @register_mechanism("bilevel_routing")
 class BilevelRouting(RoutedBlocks):
     family = "routed sparse"
+    heads_independent = True
     paper = Paper("BiFormer: Vision Transformer with Bi-Level Routing Attention", 2023, "2303.08810")
     complexity = Complexity(
         time="O(T·topk·region·D) + routing O((T/region)²·D) noncausal, O(T·(T/region)·D) causal",

@@ -58,6 +58,7 @@ class Channel(Mechanism):
     paper = Paper("DaViT: Dual Attention Vision Transformers", 2022, "2204.03645")
     patterns = frozenset({Pattern.NONCAUSAL_SELF, Pattern.NONCAUSAL_CROSS})
     exact = False
+    heads_independent = True
     complexity = Complexity(time="O(T·D²)", memory="O(T·D + D²)")
     Options = ChannelOptions
     example_options = ({}, {"normalize": True})

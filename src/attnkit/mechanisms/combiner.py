@@ -94,6 +94,7 @@ class Combiner(Mechanism):
     paper = Paper("Combiner: Full Attention Transformer with Sparse Computation Cost", 2021, "2107.05768")
     patterns = frozenset({Pattern.NONCAUSAL_SELF, Pattern.CAUSAL_SELF})
     exact = False
+    heads_independent = True
     state_kind = KVCache
     complexity = Complexity(time="O(T·(block + T/block)·D)", memory="O(T·D) (scores in bounded chunks)")
     Options = CombinerOptions

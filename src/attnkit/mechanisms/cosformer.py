@@ -56,6 +56,7 @@ class Cosformer(KernelAttention):
     paper = Paper("cosFormer: Rethinking Softmax in Attention", 2022, "2202.08791")
     patterns = ALL_PATTERNS
     exact = False
+    heads_independent = True
     uses_scale = False
     complexity = Complexity(time="O(T·D²)", memory="O(T·D) (state O(D²))")
     Options = CosformerOptions

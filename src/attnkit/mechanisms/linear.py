@@ -42,6 +42,7 @@ class Linear(KernelAttention):
     paper = Paper("Transformers are RNNs: Fast Autoregressive Transformers with Linear Attention", 2020, "2006.16236")
     patterns = ALL_PATTERNS
     exact = False
+    heads_independent = True
     uses_scale = False
     complexity = Complexity(time="O(T·D²)", memory="O(T·D) (state O(D²))")
     Options = LinearOptions

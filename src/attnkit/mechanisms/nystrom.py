@@ -58,6 +58,7 @@ class Nystrom(Mechanism):
     paper = Paper("Nyströmformer: A Nyström-Based Algorithm for Approximating Self-Attention", 2021, "2102.03902")
     patterns = frozenset({Pattern.NONCAUSAL_SELF, Pattern.NONCAUSAL_CROSS})
     exact = False
+    heads_independent = True
     complexity = Complexity(time="O(T·m·D + m³)", memory="O(T·D + m²)")
     Options = NystromOptions
     example_options = ({"num_landmarks": 8}, {"num_landmarks": 16, "pinv_iterations": 3})

@@ -51,6 +51,7 @@ class SEAOptions:
 @register_mechanism("sea")
 class SEA(RoutedBlocks):
     family = "sparse, estimated"
+    heads_independent = True
     paper = Paper("SEA: Sparse Linear Attention with Estimated Attention Mask", 2023, "2310.01777")
     complexity = Complexity(
         time="O(T·topk·block·D) + estimate O(T·(T/block)·D) causal, O((T/block)²·D) noncausal",

@@ -41,6 +41,7 @@ class Sigmoid(Mechanism):
     paper = Paper("Theory, Analysis, and Best Practices for Sigmoid Self-Attention", 2024, "2409.04431")
     patterns = ALL_PATTERNS
     exact = False  # not softmax; exact against its own reference
+    heads_independent = True
     state_kind = KVCache
     complexity = Complexity(time="O(Tq·Tk·D)", memory="O(Tq + Tk) blocked (reference: O(Tq·Tk))")
     Options = SigmoidOptions

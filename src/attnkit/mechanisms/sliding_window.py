@@ -40,6 +40,7 @@ class SlidingWindow(Mechanism):
     paper = Paper("Longformer: The Long-Document Transformer", 2020, "2004.05150")
     patterns = frozenset({Pattern.NONCAUSAL_SELF, Pattern.CAUSAL_SELF})
     exact = True
+    heads_independent = True
     state_kind = WindowCache
     complexity = Complexity(time="O(T·window·D)", memory="O(T·window)")
     Options = SlidingWindowOptions

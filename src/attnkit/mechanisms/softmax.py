@@ -23,6 +23,7 @@ class Softmax(Mechanism):
     paper = Paper("Attention Is All You Need", 2017, "1706.03762")
     patterns = ALL_PATTERNS
     exact = True
+    heads_independent = True
     state_kind = KVCache
     complexity = Complexity(time="O(Tq·Tk·D)", memory="O(Tq + Tk) fused (reference: O(Tq·Tk))")
 

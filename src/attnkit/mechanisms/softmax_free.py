@@ -83,6 +83,7 @@ class SoftmaxFree(Mechanism):
     paper = Paper("SOFT: Softmax-free Transformer with Linear Complexity", 2021, "2110.11945")
     patterns = frozenset({Pattern.NONCAUSAL_SELF, Pattern.NONCAUSAL_CROSS})
     exact = False
+    heads_independent = True
     complexity = Complexity(time="O(T·m·D + m³·iters)", memory="O(T·m) (reference: O(Tq·Tk))")
     Options = SoftmaxFreeOptions
     example_options = ({"landmarks": 8}, {"landmarks": 5, "newton_iters": 8, "normalize": True})

@@ -9,7 +9,7 @@ from pathlib import Path
 from .. import __version__
 from ..bench.store import Store
 from ..errors import AttnkitError
-from . import catalogue, charts, sections
+from . import catalogue, charts, cp, sections
 from .answer import answer
 from .quality import quality
 
@@ -81,11 +81,15 @@ def build_report(db: str | Path, out: str | Path) -> Path:
         runs = store.runs()
     charts.COLORS.reset()
     body = []
-    for anchor, title, fn in SECTIONS:
+    chosen = SECTIONS
+    if any(r["kind"] == "cp" for r in rows):  # context parallelism: only when measured (attnkit bench cp)
+        chosen = [*SECTIONS[:-3], ("cp", "Context parallelism: memory per rank, largest T, bytes sent", cp.cp),
+                  *SECTIONS[-3:]]  # fmt: skip
+    for anchor, title, fn in chosen:
         content = fn(runs, str(db)) if anchor == "machine" else fn(rows)
         wrap = "charts" if "<svg" in content else "block"
         body.append(f'<section id="{anchor}"><h2>{escape(title)}</h2><div class="{wrap}">{content}</div></section>')
-    nav = " ".join(f'<a href="#{a}">{escape(t)}</a>' for a, t, _ in SECTIONS)
+    nav = " ".join(f'<a href="#{a}">{escape(t)}</a>' for a, t, _ in chosen)
     measured = sum(1 for r in rows if r["status"] == "ok")
     shaky = sum(1 for r in rows if r["status"] == "ok" and r.get("doubtful"))
     doubtful = f' (<a href="#problems">{shaky} doubtful</a>)' if shaky else ""
