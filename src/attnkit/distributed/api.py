@@ -140,7 +140,8 @@ def attend(
     mech = mechanism if isinstance(mechanism, Mechanism) else _build(mechanism, q_local, options)
     if isinstance(mechanism, Mechanism) and options:
         raise InvalidOption(f"options {sorted(options)} given with a built mechanism module; build it with them")
-    x = validate(mech, q_local, k_local, v_local, pattern=pattern, scale=scale, key_padding_mask=key_padding_mask)
+    x = validate(mech, q_local, k_local, v_local, pattern=pattern, scale=scale, key_padding_mask=key_padding_mask,
+                 state=None, return_state=False, spatial_shape=None)  # fmt: skip
     if x.tq != x.tk:
         raise ShapeError(f"q_local has {x.tq} tokens but k_local has {x.tk}: a rank holds as many keys as queries")
     world = dist.get_world_size(group) if dist.is_initialized() else 1
