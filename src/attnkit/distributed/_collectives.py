@@ -51,6 +51,15 @@ class _AllGather(torch.autograd.Function):
         return mine.view(grad.shape[1:]), None, None, None
 
 
+def tie(out: torch.Tensor, *received: torch.Tensor) -> torch.Tensor:
+    """``out`` joined (with weight 0) to what a collective returned. Every rank must run the backward of every
+    collective, or the ranks that do wait for one that never comes (or, for P2P, silently miss its gradients):
+    a rank whose output happens not to use what it received (rank 0 of a causal prefix) ties it in."""
+    for t in received:
+        out = out + 0 * t.sum()
+    return out
+
+
 def all_gather(x: torch.Tensor, group, world: int, timeout: float) -> torch.Tensor:
     """``[W, *x.shape]``: rank p's ``x`` at index p, differentiable (backward: one reduce-scatter)."""
     if world == 1:

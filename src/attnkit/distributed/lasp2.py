@@ -30,7 +30,7 @@ from ..mechanisms._kernel_base import KernelAttention
 from ..ops.chunked import causal_linear_scan
 from ..patterns import Pattern
 from ..state import State
-from ._collectives import all_gather
+from ._collectives import all_gather, tie
 from ._pieces import Piece, world_pieces
 from .api import CPCall, Strategy, register_strategy
 
@@ -62,7 +62,7 @@ class LASP2(Strategy):
         states = torch.stack([part.states for part in parts])  # [P, K, B, Hkv, F, Dv'] K = 1 or 2 (M, N)
         gathered = all_gather(states, call.group, call.world, call.timeout)  # [W, P, K, B, Hkv, F, Dv']
         outs = [_with_other_pieces(part, gathered, everyone, call.pattern) for part in parts]
-        return mech._finish(torch.cat(outs, dim=1), x)  # [B, n, Hq, Dv]
+        return mech._finish(tie(torch.cat(outs, dim=1), gathered), x)  # [B, n, Hq, Dv]
 
 
 def _local_inputs(call: CPCall) -> AttentionInputs:
@@ -122,9 +122,7 @@ def _with_other_pieces(part: _PieceTerms, gathered: torch.Tensor, everyone: list
 
 def _decayed_sum(gathered: torch.Tensor, which: list[tuple[int, int, int]], kind: int, log_g):
     """``sum g^gap * state`` over ``(rank, piece, gap)``: ``[B, Hkv, F, Dv']`` (zeros when none)."""
-    # 0 * a gathered state, not zeros: the all-gather must be in every rank's graph, or a rank with no piece before
-    # it (rank 0) skips the reduce-scatter of the backward that the other ranks wait in
-    total = gathered[0, 0, kind] * 0
+    total = torch.zeros_like(gathered[0, 0, kind])
     for rank, index, gap in which:
         weight = 1.0 if log_g is None else torch.exp(log_g * gap)[None, :, None, None]  # [1, Hkv, 1, 1]
         total = total + weight * gathered[rank, index, kind]
