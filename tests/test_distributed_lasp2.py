@@ -118,6 +118,11 @@ def _refusals(rank, world) -> dict[str, str]:
         attend(*local, "cosformer", pattern="causal_self", strategy="lasp2", layout="contiguous", max_len=16)
     except InvalidOption as err:
         out["cosformer max_len"] = str(err)
+    try:  # random features drawn from each rank's own generator: refused, never silently different
+        torch.manual_seed(rank)
+        attend(*local, "performer", pattern="causal_self", strategy="lasp2", layout="contiguous")
+    except InvalidOption as err:
+        out["performer seeds"] = str(err)
     try:
         attend(*local, "softmax", pattern="causal_self", strategy="lasp2", layout="contiguous")
     except InvalidOption as err:
@@ -149,6 +154,9 @@ def _all_cases(rank: int, world: int) -> dict:
 @pytest.fixture(scope="module", params=[1, 2, 3, 4], ids=lambda w: f"W{w}")
 def world_results(request):
     world = request.param
+    if world == 1:  # no process group: attend's single-process path, in this process (a spawn costs seconds)
+        with torch.random.fork_rng():
+            return world, [_all_cases(0, 1)]
     return world, launch.run(world, _all_cases, timeout=120)
 
 
@@ -179,3 +187,5 @@ def test_refusals_are_clear_on_every_rank(world_results):
     for r in per_rank:
         assert "max_len=16" in r["refusals"]["cosformer max_len"]
         assert "lasp2" in r["refusals"]["softmax"] and "softmax" in r["refusals"]["softmax"]
+        if world > 1:
+            assert "same seed" in r["refusals"]["performer seeds"]

@@ -67,6 +67,14 @@ def all_gather(x: torch.Tensor, group, world: int, timeout: float) -> torch.Tens
     return _AllGather.apply(x, group, world, timeout)
 
 
+def every_rank(value: int, group, world: int, timeout: float) -> list[int]:
+    """Every rank's ``value`` (an int64 all-gather, no gradient): to check that ranks agree on something."""
+    mine = torch.tensor([value], dtype=torch.int64)
+    flat = torch.empty(world, dtype=torch.int64)
+    _wait(_all_gather_flat(flat, mine, group=group, async_op=True), timeout)
+    return flat.tolist()
+
+
 def _send_recv(to_prev, to_next, like: torch.Tensor, group, rank: int, world: int, timeout: float, phase: str):
     """Send ``to_prev`` to rank-1 and ``to_next`` to rank+1 (None: that direction is not used, on every rank).
     Returns ``(from_prev, from_next)``: what rank-1 sent to its next and rank+1 to its prev (zeros at the ends of

@@ -24,13 +24,14 @@ import logging
 
 import torch
 
+from ..errors import InvalidOption
 from ..inputs import AttentionInputs
 from ..mechanism import Mechanism
 from ..mechanisms._kernel_base import KernelAttention
 from ..ops.chunked import causal_linear_scan
 from ..patterns import Pattern
 from ..state import State
-from ._collectives import all_gather, tie
+from ._collectives import all_gather, every_rank, tie
 from ._pieces import Piece, world_pieces
 from .api import CPCall, Strategy, register_strategy
 
@@ -55,6 +56,7 @@ class LASP2(Strategy):
 
     def run(self, call: CPCall) -> torch.Tensor:
         mech: KernelAttention = call.mech  # type: ignore[assignment]
+        _check_same_draws(call)
         x = _local_inputs(call)
         everyone = world_pieces(call.total, call.world, call.layout)
         mine = everyone[call.rank]
@@ -76,6 +78,20 @@ def _local_inputs(call: CPCall) -> AttentionInputs:
     x, _ = mech.join_cache(x)  # decay family: k, v per query head
     per_query_head = getattr(mech, "per_query_head", None)  # hedgehog: a feature map per query head
     return per_query_head(x) if per_query_head is not None else x
+
+
+def _check_same_draws(call: CPCall) -> None:
+    """A mechanism with random features (performer) must draw the same on every rank, or each rank's states mean
+    something else: compare the draw seeds (one small all-gather, only for such mechanisms)."""
+    seed = getattr(call.mech, "draw_seed", None)
+    if seed is None or call.world == 1:
+        return
+    seeds = every_rank(int(seed), call.group, call.world, call.timeout)
+    if len(set(seeds)) > 1:
+        raise InvalidOption(
+            f"{call.mech.name} draws its random features from a different seed on each rank ({seeds}): create it "
+            f"with the same seed=... on every rank (or load the same state_dict)"
+        )
 
 
 class _PieceTerms:
