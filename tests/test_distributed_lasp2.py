@@ -79,6 +79,21 @@ def _one_case(rank, world, name, pattern, layout, variant, dtype) -> float:
     return max(errors)
 
 
+def _parameter_gradients(rank, world) -> dict[str, list[torch.Tensor]]:
+    """Hedgehog's feature-map gradients: this rank's part, and one process's (the ranks' parts must add up to it,
+    as data parallelism's all-reduce would add them)."""
+    q, k, v, grad, mask = _inputs("gqa+padding", world, "zigzag", torch.float64, seed=4)
+    mech = _mechanism("hedgehog").double()
+    mech(q, k, v, pattern="causal_self", key_padding_mask=mask, path="reference").backward(grad)
+    want = [p.grad.clone() for p in mech.parameters()]
+    mech.zero_grad()
+    cut = lambda t: shard(t, world, rank, "zigzag")  # noqa: E731
+    out = attend(cut(q), cut(k), cut(v), mech, pattern="causal_self", strategy="lasp2", layout="zigzag",
+                 key_padding_mask=cut(mask))  # fmt: skip
+    out.backward(cut(grad))
+    return {"mine": [p.grad.clone() for p in mech.parameters()], "one process": want}
+
+
 def _comm_counts(rank, world) -> dict[str, int]:
     """Collectives of one lasp2 step (forward, then backward), counted by CommDebugMode around the strategy."""
     from torch.distributed.tensor.debug import CommDebugMode
@@ -146,6 +161,7 @@ def _all_cases(rank: int, world: int) -> dict:
         name, pattern, layout, variant, precision = case
         dtype = torch.float64 if precision == "fp64" else torch.float32
         results[case] = _one_case(rank, world, name, pattern, layout, variant, dtype)
+    results["parameters"] = _parameter_gradients(rank, world)
     results["comm"] = _comm_counts(rank, world) if world > 1 else {}
     results["refusals"] = _refusals(rank, world)
     return results
@@ -169,6 +185,13 @@ def test_every_case_matches_one_process_on_every_rank(world_results):
         if not max(errors) <= tol:  # NaN fails too
             bad.append((case, errors))
     assert not bad, f"W={world}: {len(bad)} of {len(CASES)} cases differ from one process: {bad[:5]}"
+
+
+def test_trainable_feature_map_gradients_of_the_ranks_add_up_to_one_process(world_results):
+    world, per_rank = world_results
+    want = per_rank[0]["parameters"]["one process"]
+    summed = [sum(r["parameters"]["mine"][i] for r in per_rank) for i in range(len(want))]
+    assert want and all(_error(a, b) <= 1e-10 for a, b in zip(summed, want, strict=True))
 
 
 def test_one_all_gather_forward_and_one_reduce_scatter_backward(world_results):
