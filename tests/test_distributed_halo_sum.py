@@ -182,14 +182,21 @@ def test_a_window_longer_than_a_chunk_is_refused_pointing_to_ring(world_results)
     ("name", "expected"), [("sliding_window", "halo"), ("sigmoid", "sum"), ("linear", "lasp2"), ("retention", "lasp2")]
 )
 def test_auto_picks_the_family_strategy(name, expected):
-    chosen = choose(create(name, heads=4, head_dim=8), Pattern.CAUSAL_SELF, "auto", layout="contiguous", world=2,
-                    heads=4, kv_heads=2)  # fmt: skip
+    sizes = dict(layout="contiguous", world=2, total=4096, heads=4, kv_heads=2)
+    chosen = choose(create(name, heads=4, head_dim=8), Pattern.CAUSAL_SELF, "auto", **sizes)
     assert chosen.name == expected
 
 
 @pytest.mark.parametrize("strategy", ["halo", "sum", "lasp2"])
 def test_each_strategy_refuses_softmax_with_its_reason(strategy):
     _load_strategies()
-    reason = STRATEGIES[strategy].refuses(create("softmax"), Pattern.CAUSAL_SELF, layout="zigzag", world=2,
+    reason = STRATEGIES[strategy].refuses(create("softmax"), Pattern.CAUSAL_SELF, layout="zigzag", world=2, total=64,
                                           heads=4, kv_heads=4)  # fmt: skip
     assert reason and "softmax" in reason
+
+
+def test_auto_takes_halo_for_a_short_window_and_ring_for_a_window_longer_than_a_chunk():
+    sizes = dict(layout="zigzag", world=2, total=64, heads=4, kv_heads=4)  # zigzag chunks of 16 tokens
+    short, long = create("sliding_window", window=8), create("sliding_window", window=40)
+    assert choose(short, Pattern.CAUSAL_SELF, "auto", **sizes).name == "halo"
+    assert choose(long, Pattern.CAUSAL_SELF, "auto", **sizes).name == "ring"

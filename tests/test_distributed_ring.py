@@ -213,7 +213,7 @@ def test_attention_layer_with_context_parallel_equals_one_process(world, case):
 
 
 def test_auto_picks_ring_for_softmax_and_ring_refuses_other_families_by_name():
-    sizes = dict(layout="zigzag", world=2, heads=4, kv_heads=2)
+    sizes = dict(layout="zigzag", world=2, total=64, heads=4, kv_heads=2)
     assert choose(create("softmax"), Pattern.CAUSAL_SELF, "auto", **sizes).name == "ring"
     why = Ring().refuses(create("gaussian", heads=4, head_dim=8), Pattern.CAUSAL_SELF, **sizes)
     assert "mean and variance" in why and "softmax, sliding_window, complex" in why

@@ -179,14 +179,17 @@ def test_ulysses_collectives_are_four_all_to_alls_each_way(world):
 def test_ulysses_refuses_mechanisms_whose_heads_are_coupled(name, options, why):
     mech = attnkit.create(name, heads=4, head_dim=D, **options)
     with pytest.raises(InvalidOption, match=why):
-        choose(mech, Pattern.CAUSAL_SELF, "ulysses", layout="zigzag", world=2, heads=4, kv_heads=2)
+        choose(mech, Pattern.CAUSAL_SELF, "ulysses", layout="zigzag", world=2, total=64, heads=4, kv_heads=2)
 
 
 def test_ulysses_refuses_heads_not_divisible_by_the_world():
     mech = attnkit.create("softmax")
     with pytest.raises(InvalidOption, match="divisible by W=4; got 6 and 3"):
-        choose(mech, Pattern.CAUSAL_SELF, "ulysses", layout="zigzag", world=4, heads=6, kv_heads=3)
-    assert choose(mech, Pattern.CAUSAL_SELF, "ulysses", layout="zigzag", world=3, heads=6, kv_heads=3).name == "ulysses"
+        choose(mech, Pattern.CAUSAL_SELF, "ulysses", layout="zigzag", world=4, total=64, heads=6, kv_heads=3)
+    assert (
+        choose(mech, Pattern.CAUSAL_SELF, "ulysses", layout="zigzag", world=3, total=60, heads=6, kv_heads=3).name
+        == "ulysses"
+    )
 
 
 def _independent() -> list[tuple[str, str]]:

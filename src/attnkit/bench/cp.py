@@ -175,8 +175,8 @@ def _strategy_of(case: CPCase) -> str:
     from ..patterns import as_pattern
 
     mech = create(case.mechanism, heads=case.heads, head_dim=case.head_dim, **dict(case.options))
-    return choose(mech, as_pattern(case.pattern), case.strategy, layout=case.layout, world=case.world,
-                  heads=case.heads, kv_heads=case.kv_heads).name  # fmt: skip
+    sizes = dict(layout=case.layout, world=case.world, total=case.tokens, heads=case.heads, kv_heads=case.kv_heads)
+    return choose(mech, as_pattern(case.pattern), case.strategy, **sizes).name
 
 
 def _base_row(case: CPCase) -> dict[str, Any]:

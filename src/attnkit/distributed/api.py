@@ -21,6 +21,7 @@ from ..errors import InvalidOption, ShapeError, UnsupportedPattern
 from ..inputs import validate
 from ..mechanism import Mechanism
 from ..patterns import Pattern, as_pattern
+from .faults import collective
 from .layout import check_layout, check_length, positions
 
 log = logging.getLogger(__name__)
@@ -56,8 +57,11 @@ class Strategy:
     name: ClassVar[str]
     summary: ClassVar[str]  # one line for errors and --help
 
-    def refuses(self, mech: Mechanism, pattern: Pattern, *, layout: str, world: int, heads: int, kv_heads: int):
-        """None when this strategy computes ``mech`` exactly in ``pattern``; else the reason, in a few words."""
+    def refuses(
+        self, mech: Mechanism, pattern: Pattern, *, layout: str, world: int, total: int, heads: int, kv_heads: int
+    ):
+        """None when this strategy computes ``mech`` exactly in ``pattern`` for a sequence of ``total`` tokens over
+        ``world`` ranks in ``layout``; else the reason, in a few words."""
         raise NotImplementedError
 
     def run(self, call: CPCall) -> torch.Tensor:
@@ -147,10 +151,10 @@ def attend(
     world = dist.get_world_size(group) if dist.is_initialized() else 1
     rank = dist.get_rank(group) if dist.is_initialized() else 0
     if world > 1:
-        _check_same_sizes(x.q, x.k, x.v, group, world)
+        _check_same_sizes(x.q, x.k, x.v, group, world, float(timeout))
     total = x.tq * world
     check_length(total, world, layout)
-    sizes = dict(layout=layout, world=world, heads=x.heads, kv_heads=x.kv_heads)
+    sizes = dict(layout=layout, world=world, total=total, heads=x.heads, kv_heads=x.kv_heads)
     chosen = choose(mech, pattern, strategy, **sizes)
     call = CPCall(
         q=x.q, k=x.k, v=x.v, mech=mech, pattern=pattern, scale=x.scale, key_padding_mask=x.key_padding_mask,
@@ -164,11 +168,12 @@ def _build(name: str, q: torch.Tensor, options: dict[str, Any]) -> Mechanism:
     return create(name, heads=q.shape[2], head_dim=q.shape[3], **options)
 
 
-def _check_same_sizes(q, k, v, group, world: int) -> None:
-    """Every rank must hold a shard of the same sizes (one small all-gather); else each rank names the culprits."""
+def _check_same_sizes(q, k, v, group, world: int, timeout: float) -> None:
+    """Every rank must hold a shard of the same sizes (one small all-gather, waited for at most ``timeout``
+    seconds like every collective here); else each rank names the culprits."""
     mine = torch.tensor([*q.shape, *k.shape, v.shape[-1]], dtype=torch.int64)
     flat = torch.empty(world * mine.numel(), dtype=torch.int64)
-    dist.all_gather_into_tensor(flat, mine, group=group)
+    collective(dist.all_gather_into_tensor, flat, mine, what="shard-size check", timeout=timeout, group=group)
     every = flat.view(world, -1)
     odd = [r for r in range(world) if not torch.equal(every[r], every[0])]
     if odd:

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import InvalidOption
 from ..mechanism import Mechanism
 from ..ops.banded import banded_attention
 from ..patterns import Pattern
@@ -31,21 +30,22 @@ class Halo(Strategy):
     name = "halo"
     summary = "sliding window: one P2P hop each way of the window's w-1 keys"
 
-    def refuses(self, mech: Mechanism, pattern: Pattern, *, layout: str, world: int, heads: int, kv_heads: int):
+    def refuses(
+        self, mech: Mechanism, pattern: Pattern, *, layout: str, world: int, total: int, heads: int, kv_heads: int
+    ):
         if mech.name != "sliding_window":
             return f"{mech.name} is not a sliding window (halo exchanges only a window's keys)"
+        w, chunk = mech.options.window, world_pieces(total, world, layout)[0][0].length
+        if w - 1 > chunk:
+            return (
+                f"window={w} needs the {w - 1} keys before each query, more than one {layout} chunk of {chunk} tokens "
+                f"(T={total}, W={world}): use strategy='ring', or layout='contiguous' (chunks of T/W), or fewer ranks"
+            )
         return None
 
     def run(self, call: CPCall) -> torch.Tensor:
         w = call.mech.options.window
         everyone = world_pieces(call.total, call.world, call.layout)
-        chunk = everyone[0][0].length
-        if w - 1 > chunk:
-            raise InvalidOption(
-                f"halo: window={w} needs the {w - 1} keys before each query, more than one {call.layout} chunk of "
-                f"{chunk} tokens (T={call.total}, W={call.world}); use strategy='ring', or layout='contiguous' "
-                f"(chunks of T/W tokens), or fewer ranks"
-            )
         causal = call.pattern is Pattern.CAUSAL_SELF
         kinds = KINDS[:1] if causal else KINDS
         b, n = call.q.shape[:2]

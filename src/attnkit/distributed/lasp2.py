@@ -47,7 +47,9 @@ class LASP2(Strategy):
     name = "lasp2"
     summary = "linear and decay families: one all-gather of chunk states (LASP-2)"
 
-    def refuses(self, mech: Mechanism, pattern: Pattern, *, layout: str, world: int, heads: int, kv_heads: int):
+    def refuses(
+        self, mech: Mechanism, pattern: Pattern, *, layout: str, world: int, total: int, heads: int, kv_heads: int
+    ):
         if not isinstance(mech, KernelAttention):
             return f"{mech.name} is not a kernel (linear) or decay mechanism"
         if mech.name not in SUPPORTED:

@@ -288,7 +288,9 @@ class Ring(Strategy):
     name = "ring"
     summary = "K/V rotate around the ranks, log-sum-exp merge (softmax family; zigzag balances causal work)"
 
-    def refuses(self, mech: Mechanism, pattern: Pattern, *, layout: str, world: int, heads: int, kv_heads: int):
+    def refuses(
+        self, mech: Mechanism, pattern: Pattern, *, layout: str, world: int, total: int, heads: int, kv_heads: int
+    ):
         if mech.name in MECHANISMS:
             return None
         why = _WHY_NOT.get(mech.name, f"{mech.name} is not softmax attention")

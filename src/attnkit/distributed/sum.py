@@ -30,7 +30,9 @@ class SumStrategy(Strategy):
     name = "sum"
     summary = "sigmoid attention: partial outputs over key shards add (no normaliser to merge)"
 
-    def refuses(self, mech: Mechanism, pattern: Pattern, *, layout: str, world: int, heads: int, kv_heads: int):
+    def refuses(
+        self, mech: Mechanism, pattern: Pattern, *, layout: str, world: int, total: int, heads: int, kv_heads: int
+    ):
         if mech.name != "sigmoid":
             return f"{mech.name} has a normaliser or other coupling: partial outputs add only for sigmoid attention"
         return None

@@ -92,7 +92,9 @@ class Ulysses(Strategy):
     name = "ulysses"
     summary = "all-to-all sequence <-> heads; any mechanism with independent heads, heads divisible by W"
 
-    def refuses(self, mech: Mechanism, pattern: Pattern, *, layout: str, world: int, heads: int, kv_heads: int):
+    def refuses(
+        self, mech: Mechanism, pattern: Pattern, *, layout: str, world: int, total: int, heads: int, kv_heads: int
+    ):
         if mech.trainable:
             return "trainable mechanisms are not split by head (their parameters would have to be)"
         if not mech.heads_independent:
