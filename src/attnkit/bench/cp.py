@@ -150,9 +150,11 @@ def _row(case: CPCase, ranks: list[dict]) -> dict[str, Any]:
     steps = [max(ts) * 1e3 for ts in zip(*(r["times"] for r in ranks), strict=True)]  # the slowest rank, per step
     q1, _, q3 = statistics.quantiles(steps, n=4) if len(steps) > 1 else (steps[0],) * 3
     ran = _strategy_of(case)
+    mech = create(case.mechanism, heads=case.heads, head_dim=case.head_dim, **dict(case.options))
     formula = formula_bytes(ran, world=case.world, tokens=case.tokens, batch=case.batch,
                             heads=case.heads, kv_heads=case.kv_heads, head_dim=case.head_dim, element_size=elt,
-                            options=dict(case.options))  # fmt: skip
+                            options=dict(case.options), mech=mech, pattern=case.pattern,
+                            layout=case.layout)  # fmt: skip
     errors = [r["error"] for r in ranks if r["error"] is not None]
     extra = {
         "world": case.world, "layout": case.layout, "strategy": case.strategy, "ran": ran,

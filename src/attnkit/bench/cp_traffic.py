@@ -42,7 +42,9 @@ def _world(kwargs: dict[str, Any]) -> int:
 _COLLECTIVES = {
     "all_to_all_single": (1, "input", lambda w: (w - 1) / w),
     "all_gather_into_tensor": (1, "input_tensor", lambda w: w - 1),
+    "all_gather_single": (1, "input_tensor", lambda w: w - 1),
     "reduce_scatter_tensor": (1, "input", lambda w: (w - 1) / w),
+    "reduce_scatter_single": (1, "input", lambda w: (w - 1) / w),
     "all_reduce": (0, "tensor", lambda w: 2 * (w - 1) / w),
     "send": (0, "tensor", lambda w: 1),
 }
@@ -52,7 +54,8 @@ _COLLECTIVES = {
 def counting() -> Iterator[Traffic]:
     """Count what this rank sends while the block runs (the calls go through as usual)."""
     traffic = Traffic()
-    saved = {name: getattr(dist, name) for name in (*_COLLECTIVES, "batch_isend_irecv")}
+    names = [name for name in _COLLECTIVES if hasattr(dist, name)]  # the *_single names: torch >= 2.13
+    saved = {name: getattr(dist, name) for name in (*names, "batch_isend_irecv")}
 
     def wrap(name: str, fn):
         where, keyword, factor = _COLLECTIVES[name]
@@ -72,7 +75,7 @@ def counting() -> Iterator[Traffic]:
         return saved["batch_isend_irecv"](ops, *args, **kwargs)
 
     try:
-        for name in _COLLECTIVES:
+        for name in names:
             setattr(dist, name, wrap(name, saved[name]))
         dist.batch_isend_irecv = batch
         yield traffic
@@ -82,21 +85,39 @@ def counting() -> Iterator[Traffic]:
 
 
 def formula_bytes(strategy: str, *, world: int, tokens: int, batch: int, heads: int, kv_heads: int, head_dim: int,
-                  element_size: int, options: dict[str, Any]) -> tuple[int, int] | None:  # fmt: skip
-    """(forward, backward) payload bytes one rank sends per step by the algorithm's formula; None when attnkit
-    has no formula for this strategy (research §8.4; the ring figures assume K, V travel W-1 hops forward and
-    K, V plus dK, dV backward)."""
+                  element_size: int, options: dict[str, Any], mech=None, pattern: str = "causal_self",
+                  layout: str = "zigzag") -> tuple[int, int] | None:  # fmt: skip
+    """(forward, backward) payload bytes one rank sends per step by the algorithm's formula (research §8.4); None
+    when attnkit has no formula for this strategy.
+
+    - ring: K, V travel W-1 hops forward; backward K, V travel W-1 hops again and dK, dV W hops (home to their
+      owner): (W-1)·KV forward, (2W-1)·KV backward, KV = B·n·Hkv·2D elements.
+    - sum: one all-gather of K, V forward, its adjoint reduce-scatter backward: (W-1)·KV each way.
+    - lasp2: one all-gather of the chunk states forward, one reduce-scatter backward: (W-1)·states each way, with
+      states = pieces·K·B·Hs·F·Dv' (pieces 2 on zigzag; K = 2 for a noncausal decay; Hs the heads that keep a state;
+      F the feature width; Dv' = D + 1 with a normaliser), in fp32 for fp32 inputs — independent of T.
+    - halo: the window's w-1 rows of K, V (and the mask) each way.
+    - ulysses: q, k, v and out forward, their gradients backward, (W-1)/W of each.
+    """
     n, w, d, e = tokens // world, world, head_dim, element_size
     if w == 1:
         return 0, 0
-    if strategy == "ulysses":  # q, k, v and out forward; their gradients backward: (W-1)/W of each
+    if strategy == "ulysses":
         each = batch * n * (2 * heads * d + 2 * kv_heads * d) * e * (w - 1) // w
         return each, each
-    if strategy in ("ring", "sum"):
-        kv = batch * n * kv_heads * 2 * d * e
-        return (w - 1) * kv, 2 * (w - 1) * kv
+    kv = batch * n * kv_heads * 2 * d * e
+    if strategy == "ring":
+        return (w - 1) * kv, (2 * w - 1) * kv
+    if strategy == "sum":
+        return (w - 1) * kv, (w - 1) * kv
+    if strategy == "lasp2" and mech is not None:
+        pieces = 2 if layout == "zigzag" else 1
+        both_ways = 2 if (pattern == "noncausal_self" and getattr(mech, "decays", False)) else 1
+        state_heads = heads if getattr(mech, "decays", False) or mech.trainable else kv_heads
+        width = d + (1 if getattr(mech, "normalised", True) else 0)
+        states = pieces * both_ways * batch * state_heads * mech.state_dk(d) * width * max(e, 4)
+        return (w - 1) * states, (w - 1) * states
     if strategy == "halo" and "window" in options:
         rows = min(options["window"] - 1, n)
-        kv = batch * rows * kv_heads * 2 * d * e
-        return kv, kv
+        return batch * rows * kv_heads * 2 * d * e, batch * rows * kv_heads * 2 * d * e
     return None

@@ -16,22 +16,30 @@ calls: :data:`P2P_CALLS` counts each ``batch_isend_irecv`` made here (tests asse
 from __future__ import annotations
 
 from collections import Counter
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
+from . import faults
+
 P2P_CALLS: Counter[str] = Counter()  # "forward" / "backward": batch_isend_irecv calls made by exchange()
 
 
-# torch >= 2.13 names them *_single (the old names warn); older torch has only the old names
-_all_gather_flat = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
-_reduce_scatter_flat = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
+def all_gather_flat(output: torch.Tensor, tensor: torch.Tensor, **kwargs):
+    """``dist.all_gather_single`` (torch >= 2.13; the old ``all_gather_into_tensor`` warns there, and older torch has
+    only that one), looked up at call time so that wrappers (the benchmark's traffic count) see the call. gloo
+    takes a flat ``[W * n]`` output only."""
+    return getattr(dist, "all_gather_single", dist.all_gather_into_tensor)(output, tensor, **kwargs)
 
 
-def _wait(work, timeout: float) -> None:
+def reduce_scatter_flat(output: torch.Tensor, tensor: torch.Tensor, **kwargs):
+    """``dist.reduce_scatter_single`` (or the older ``reduce_scatter_tensor``), looked up at call time."""
+    return getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)(output, tensor, **kwargs)
+
+
+def _wait(work, timeout: float, what: str = "a collective") -> None:
     if work is not None:
-        work.wait(timedelta(seconds=timeout))
+        faults.wait(work, what=what, timeout=timeout)
 
 
 class _AllGather(torch.autograd.Function):
@@ -40,14 +48,14 @@ class _AllGather(torch.autograd.Function):
         ctx.group, ctx.world, ctx.timeout = group, world, timeout
         mine = x.contiguous()
         flat = torch.empty(world * mine.numel(), dtype=mine.dtype, device=mine.device)  # gloo: flat output only
-        _wait(_all_gather_flat(flat, mine.view(-1), group=group, async_op=True), timeout)
+        _wait(all_gather_flat(flat, mine.view(-1), group=group, async_op=True), timeout)
         return flat.view(world, *x.shape)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         grad = grad.contiguous()  # [W, *shape]; non-contiguous gradients are what broke the deprecated op
         mine = torch.empty(grad[0].numel(), dtype=grad.dtype, device=grad.device)
-        _wait(_reduce_scatter_flat(mine, grad.view(-1), group=ctx.group, async_op=True), ctx.timeout)
+        _wait(reduce_scatter_flat(mine, grad.view(-1), group=ctx.group, async_op=True), ctx.timeout)
         return mine.view(grad.shape[1:]), None, None, None
 
 
@@ -71,7 +79,7 @@ def every_rank(value: int, group, world: int, timeout: float) -> list[int]:
     """Every rank's ``value`` (an int64 all-gather, no gradient): to check that ranks agree on something."""
     mine = torch.tensor([value], dtype=torch.int64)
     flat = torch.empty(world, dtype=torch.int64)
-    _wait(_all_gather_flat(flat, mine, group=group, async_op=True), timeout)
+    _wait(all_gather_flat(flat, mine, group=group, async_op=True), timeout)
     return flat.tolist()
 
 

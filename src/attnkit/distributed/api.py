@@ -21,6 +21,7 @@ from ..errors import InvalidOption, ShapeError, UnsupportedPattern
 from ..inputs import validate
 from ..mechanism import Mechanism
 from ..patterns import Pattern, as_pattern
+from ._collectives import all_gather_flat
 from .faults import collective
 from .layout import check_layout, check_length, positions
 
@@ -173,7 +174,7 @@ def _check_same_sizes(q, k, v, group, world: int, timeout: float) -> None:
     seconds like every collective here); else each rank names the culprits."""
     mine = torch.tensor([*q.shape, *k.shape, v.shape[-1]], dtype=torch.int64)
     flat = torch.empty(world * mine.numel(), dtype=torch.int64)
-    collective(dist.all_gather_into_tensor, flat, mine, what="shard-size check", timeout=timeout, group=group)
+    collective(all_gather_flat, flat, mine, what="shard-size check", timeout=timeout, group=group)
     every = flat.view(world, -1)
     odd = [r for r in range(world) if not torch.equal(every[r], every[0])]
     if odd:

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from ..errors import InvalidOption, ShapeError
+from ._collectives import all_gather_flat
 
 LAYOUTS = ("zigzag", "contiguous")
 
@@ -74,7 +75,7 @@ def unshard(local: torch.Tensor, group: dist.ProcessGroup | None = None, layout:
     world = dist.get_world_size(group)
     moved = local.detach().movedim(dim, 0).contiguous()  # [n, ...]
     flat = torch.empty(world * moved.numel(), dtype=moved.dtype, device=moved.device)
-    dist.all_gather_into_tensor(flat, moved.reshape(-1), group=group)  # gloo: a flat output, not [W, n]
+    all_gather_flat(flat, moved.reshape(-1), group=group)  # gloo: a flat output, not [W, n]
     gathered = flat.view(world * moved.shape[0], *moved.shape[1:])  # rank-major
     full = torch.empty_like(gathered)
     full[order(gathered.shape[0], world, layout).to(gathered.device)] = gathered

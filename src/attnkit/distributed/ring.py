@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -31,6 +30,8 @@ from ..errors import ShapeError
 from ..mechanism import Mechanism
 from ..ops.gqa import repeat_kv
 from ..patterns import Pattern
+from . import faults
+from ._collectives import all_gather_flat
 from ._common import BlockMask, block_backward, block_forward, merge_, stats_dtype
 from .api import CPCall, Strategy, register_strategy
 from .layout import positions
@@ -42,8 +43,6 @@ _WHY_NOT = {
     "gaussian": "gaussian re-weights each score by its row's mean and variance over all keys, not a per-pair bias "
     "a ring block can apply",
 }
-# torch 2.13 deprecates all_gather_into_tensor for all_gather_single (same c10d op)
-_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 TAG_KV, TAG_DKV = 11, 12  # K/V and dK/dV rotate at once in backward: one tag each
 
 
@@ -166,14 +165,14 @@ class _Shift:
         ops = [dist.P2POp(dist.isend, t, nxt, group=setup.group, tag=tag) for t in sends]
         ops += [dist.P2POp(dist.irecv, t, prv, group=setup.group, tag=tag) for t in self.recvs]
         self.works = dist.batch_isend_irecv(ops)
-        self.timeout = timedelta(seconds=setup.timeout)
+        self.timeout = setup.timeout
         TRAFFIC.exchanges += 1
         TRAFFIC.bytes_sent += sum(t.numel() * t.element_size() for t in sends)
         TRAFFIC.by_tag[tag] = TRAFFIC.by_tag.get(tag, 0) + 1
 
     def wait(self) -> list[torch.Tensor]:
         for work in self.works:
-            work.wait(self.timeout)
+            faults.wait(work, what="ring exchange of key/value blocks", timeout=self.timeout)
         return self.recvs
 
 
@@ -256,7 +255,8 @@ def _gather_keys(call: CPCall) -> list[torch.Tensor | None]:
         every = mine.view(1, b, n)
     else:
         flat = torch.empty(call.world * mine.numel(), dtype=torch.uint8, device=mine.device)
-        _all_gather(flat, mine, group=call.group)  # gloo: a flat output, not [W, ...]
+        faults.collective(all_gather_flat, flat, mine, what="ring all-gather of the key padding", timeout=call.timeout,
+                          group=call.group)  # fmt: skip  # gloo: a flat output, not [W, ...]
         every = flat.view(call.world, b, n)
     return [None if bool(m.all()) else m.bool() for m in every]
 

@@ -20,6 +20,7 @@ import torch.distributed as dist
 from ..mechanism import Mechanism
 from ..patterns import Pattern
 from . import faults
+from ._collectives import all_gather_flat
 from .api import CPCall, Strategy, register_strategy
 from .layout import order
 
@@ -71,7 +72,7 @@ def _full_mask(call: CPCall, back: torch.Tensor) -> torch.Tensor | None:
         return None
     mine = call.key_padding_mask.t().contiguous().to(torch.uint8)  # [n, B]: gloo has no bool all-gather
     flat = torch.empty(call.world * mine.numel(), dtype=torch.uint8, device=mine.device)
-    faults.collective(dist.all_gather_into_tensor, flat, mine.reshape(-1), what="ulysses all-gather of the key "
+    faults.collective(all_gather_flat, flat, mine.reshape(-1), what="ulysses all-gather of the key "
                       "padding mask", timeout=call.timeout, group=call.group)  # fmt: skip
     return flat.view(call.total, -1).index_select(0, back).t().bool()  # [B, T]
 
