@@ -15,11 +15,12 @@ import pytest
 import torch
 
 from attnkit import create
-from attnkit.distributed import attend, launch, shard
+from attnkit.distributed import attend, shard
 from attnkit.distributed.api import STRATEGIES, _load_strategies, choose
 from attnkit.distributed.layout import positions
 from attnkit.errors import InvalidOption
 from attnkit.patterns import Pattern
+from distributed_cases import mismatches, run_world
 
 T, B, HQ, D = 24, 2, 4, 8
 PATTERNS = ("causal_self", "noncausal_self")
@@ -134,21 +135,12 @@ def _all_cases(rank: int, world: int) -> dict:
 
 @pytest.fixture(scope="module", params=[1, 2, 3, 4], ids=lambda w: f"W{w}")
 def world_results(request):
-    world = request.param
-    if world == 1:  # no process group: attend's single-process path, in this process (a spawn costs seconds)
-        with torch.random.fork_rng():
-            return world, [_all_cases(0, 1)]
-    return world, launch.run(world, _all_cases, timeout=120)
+    return run_world(request.param, _all_cases)
 
 
 def test_every_case_matches_one_process_on_every_rank(world_results):
     world, per_rank = world_results
-    bad = []
-    for case in CASES:
-        tol = 1e-10 if case[-1] == "fp64" else 2e-5
-        errors = [r[case] for r in per_rank]
-        if not max(errors) <= tol:  # NaN fails too
-            bad.append((SETUPS[case[0]], *case[1:], errors))
+    bad = mismatches(CASES, per_rank)
     assert not bad, f"W={world}: {len(bad)} of {len(CASES)} cases differ from one process: {bad[:5]}"
 
 

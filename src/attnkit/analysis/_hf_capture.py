@@ -18,7 +18,7 @@ from torch import nn
 
 from ..errors import InvalidOption, ShapeError
 from .capture import check_length, check_tokens, run_model
-from .maps import AttentionMaps
+from .maps import AttentionMaps, grid_and_prefix
 
 log = logging.getLogger(__name__)
 
@@ -162,13 +162,4 @@ def _grid(model: nn.Module, inputs: dict, tk: int, spatial_shape, prefix) -> tup
             image = (image, image) if isinstance(image, int) else tuple(image)
             patch = (patch, patch) if isinstance(patch, int) else tuple(patch)
             spatial_shape = tuple(i // p for i, p in zip(image, patch, strict=True))
-    if spatial_shape is None:
-        return None, 0
-    spatial_shape = tuple(int(s) for s in spatial_shape)
-    cells = 1
-    for s in spatial_shape:
-        cells *= s
-    prefix = tk - cells if prefix is None else prefix
-    if prefix < 0 or prefix + cells != tk:
-        raise ShapeError(f"spatial_shape {spatial_shape} with prefix {prefix} does not fit the {tk} tokens captured")
-    return spatial_shape, prefix
+    return grid_and_prefix(spatial_shape, prefix, tk)

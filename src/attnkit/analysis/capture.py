@@ -27,7 +27,7 @@ from torch import nn
 from ..errors import InvalidOption, ShapeError
 from ..patterns import as_pattern
 from ..viz import one_hot_weights
-from .maps import AttentionMaps
+from .maps import AttentionMaps, grid_and_prefix
 
 log = logging.getLogger(__name__)
 
@@ -297,13 +297,4 @@ def _grid(model: nn.Module, call: _Call, spatial_shape, prefix) -> tuple[tuple[i
         spatial_shape = call.kwargs.get("spatial_shape")
     if spatial_shape is None and getattr(model, "grid", None) is not None and getattr(model, "cls", None) is not None:
         spatial_shape = tuple(model.grid)
-    if spatial_shape is None:
-        return None, 0
-    spatial_shape = tuple(int(s) for s in spatial_shape)
-    cells = 1
-    for s in spatial_shape:
-        cells *= s
-    prefix = t - cells if prefix is None else prefix
-    if prefix < 0 or prefix + cells != t:
-        raise ShapeError(f"spatial_shape {spatial_shape} with prefix {prefix} does not fit the {t} tokens captured")
-    return spatial_shape, prefix
+    return grid_and_prefix(spatial_shape, prefix, t)

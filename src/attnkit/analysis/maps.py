@@ -7,9 +7,12 @@ Produced by :func:`attnkit.analysis.capture` (attnkit layers and Hugging Face mo
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
+
+from ..errors import ShapeError
 
 
 @dataclass
@@ -86,3 +89,18 @@ class HeadMetrics:
     js: torch.Tensor
     embedding: torch.Tensor
     clusters: torch.Tensor
+
+
+def grid_and_prefix(spatial_shape, prefix: int | None, tokens: int) -> tuple[tuple[int, ...] | None, int]:
+    """The patch grid of ``tokens`` captured tokens and how many come before it (a class token): ``prefix``
+    defaults to whatever the grid leaves; ``(None, 0)`` without a grid. ``ShapeError`` when they do not fit."""
+    if spatial_shape is None:
+        return None, 0
+    spatial_shape = tuple(int(s) for s in spatial_shape)
+    cells = math.prod(spatial_shape)
+    prefix = tokens - cells if prefix is None else prefix
+    if prefix < 0 or prefix + cells != tokens:
+        raise ShapeError(
+            f"spatial_shape {spatial_shape} with prefix {prefix} does not fit the {tokens} tokens captured"
+        )
+    return spatial_shape, prefix
