@@ -303,6 +303,21 @@ def test_spatial_shape_must_hold_the_tokens(case):
 
 
 @pytest.mark.parametrize("item", PATH_GRID, ids=grid_id)
+def test_every_key_padded_gives_zeros_and_a_backward_pass(item):
+    """A batch row whose keys are all padding sees nothing: its output is 0, and a training step still runs
+    (the zeros are joined to the inputs, with finite gradients), whichever path takes the call."""
+    case, pattern, path = item
+    tq, tk, d = 12, 12 if pattern.is_self else 9, 16
+    mech = case.build(HQ, d)
+    q, k, v = make_qkv(B, tq, tk, HQ, HKV, d, requires_grad=True)
+    kpm = torch.zeros(B, tk, dtype=torch.bool)
+    out = mech(q, k, v, pattern=pattern, key_padding_mask=kpm, path=path)
+    assert (out == 0).all(), "a query with no visible key must output 0"
+    grads = torch.autograd.grad(out.sum(), (q, k, v), allow_unused=True)
+    assert all(g is None or torch.isfinite(g).all() for g in grads), "non-finite gradients"
+
+
+@pytest.mark.parametrize("item", PATH_GRID, ids=grid_id)
 def test_non_finite_padded_keys_change_nothing(item):
     """NaN and Inf in padded key and value rows give the output (and input gradients) that zeros there give:
     a padded position contributes nothing, whatever it holds (0 * NaN is NaN: masking must select, not

@@ -112,3 +112,16 @@ def test_blocked_path_never_builds_a_t_by_t_tensor():
 def test_block_option_is_validated(bad):
     with pytest.raises(InvalidOption, match="block"):
         attnkit.create("combiner", block=bad)
+
+
+@pytest.mark.parametrize("pattern", ["noncausal_self", "causal_self"])
+def test_every_key_padded_gives_zeros_that_backward_runs_through(pattern):
+    q, k, v = (torch.randn(1, 16, 2, 8, requires_grad=True) for _ in range(3))
+    with torch.no_grad():
+        k[0, 3] = float("nan")  # a padded slot's NaN must not reach the gradients
+    mask = torch.zeros(1, 16, dtype=torch.bool)
+    out = attnkit.create("combiner", block=4)(q, k, v, pattern=pattern, key_padding_mask=mask)
+    assert (out == 0).all()
+    out.sum().backward()
+    for t in (q, k, v):
+        assert t.grad is not None and (t.grad == 0).all()

@@ -32,7 +32,7 @@ from ..ops.block_layout import (
     layout_from_rule,
     visible_pairs,
 )
-from ..ops.reference import dense_softmax_attention
+from ..ops.reference import dense_softmax_attention, zeros_in_graph
 from ..patterns import MaskPredicate, Pattern
 from ..state import KVCache
 
@@ -117,7 +117,7 @@ def over_real_tokens(x: AttentionInputs, attend: Callable[[AttentionInputs], tor
     kpm = x.key_padding_mask
     if kpm is None:
         return attend(x)
-    out = x.q.new_zeros(x.batch, x.tq, x.heads, x.v.shape[-1])  # [B, Tq, Hq, Dv]
+    out = zeros_in_graph(x)  # [B, Tq, Hq, Dv]; rows that see nothing stay 0 and backward still runs
     for b in range(x.batch):
         keys = torch.nonzero(kpm[b]).view(-1)  # real keys, in order: their rank is their position
         if x.pattern.is_self:

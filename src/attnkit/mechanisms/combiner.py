@@ -36,7 +36,7 @@ from ..inputs import AttentionInputs
 from ..mechanism import Complexity, Mechanism, Paper, Shape, fast_path, register_mechanism
 from ..ops.masking import masked_softmax, visibility
 from ..ops.pooled import block_means, blocked, real_mask
-from ..ops.reference import upcast_qkv
+from ..ops.reference import upcast_qkv, zeros_in_graph
 from ..options import check_int
 from ..patterns import MaskPredicate, Pattern, and_masks, dense_mask
 from ..state import KVCache
@@ -135,7 +135,7 @@ class Combiner(Mechanism):
         q, k, v = upcast_qkv(x)
         placed = _place(x, q, k, v, s)
         if placed is None:  # no real query anywhere
-            return x.q.new_zeros(x.batch, x.tq, x.heads, x.v.shape[-1]), None
+            return zeros_in_graph(x), None
         k_sum, counts = block_means(placed.k, placed.valid, s)  # [B, nb, H, Dk], [B, nb]
         v_sum, _ = block_means(placed.v, placed.valid, s)
         lo, nq = placed.first_block, placed.q.shape[1] // s

@@ -15,6 +15,15 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def zeros_in_graph(x: AttentionInputs) -> torch.Tensor:
+    """The ``[B, Tq, Hq, Dv]`` zero output of a call whose queries see no key, joined to q, k and v with a zero
+    gradient, so that a backward pass runs through it. Joined by selection, never by multiplying by 0: a padded
+    slot's NaN would give NaN."""
+    never = torch.zeros((), dtype=torch.bool, device=x.q.device)
+    joined = sum(torch.where(never, t.sum(), 0.0) for t in (x.q, x.k, x.v))
+    return x.q.new_zeros(x.batch, x.tq, x.heads, x.v.shape[-1]) + joined
+
+
 def upcast_qkv(x: AttentionInputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """q, k, v in fp32 (fp64 stays fp64), with k and v repeated to the query heads (GQA)."""
     compute = compute_dtype(x.q.dtype)
