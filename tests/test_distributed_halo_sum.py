@@ -28,13 +28,15 @@ LAYOUTS = ("contiguous", "zigzag")
 VARIANTS = ("gqa", "gqa+padding", "mha+padding")  # kv heads HQ/2 or HQ; random key padding with one rank's shard padded
 # (strategy, mechanism, options): windows 1 (no halo), 2, and 4 (= the zigzag chunk + 1 at W = 4: the largest halo)
 SETUPS = [("halo", "sliding_window", {"window": w}) for w in (1, 2, 4)] + [
+    ("halo", "neighborhood", {"kernel_size": 3}),  # 1-D NATTEN window, shifted inwards at the sequence's ends
+    ("halo", "neighborhood", {"kernel_size": 3, "is_causal": True}),  # causal along the axis in noncausal_self too
     ("sum", "sigmoid", {}),
     ("sum", "sigmoid", {"bias": -1.5}),
 ]
 CASES = [
     (i, pattern, layout, VARIANTS[j % len(VARIANTS)], "fp64")
     for j, (i, pattern, layout) in enumerate(itertools.product(range(len(SETUPS)), PATTERNS, LAYOUTS))
-] + [(i, "causal_self", "zigzag", "gqa+padding", "fp32") for i in (1, 3)]
+] + [(i, "causal_self", "zigzag", "gqa+padding", "fp32") for i in (1, 5)]
 
 
 def _inputs(variant: str, world: int, layout: str, dtype: torch.dtype, seed: int):
@@ -64,7 +66,8 @@ def _one_case(rank, world, setup, pattern, layout, variant, dtype) -> float:
     seed = zlib.crc32(f"{setup}{pattern}{layout}{variant}".encode())  # the same on every rank (hash() is not)
     q, k, v, grad, mask = _inputs(variant, world, layout, dtype, seed)
     full = [t.clone().requires_grad_() for t in (q, k, v)]
-    want = mech(*full, pattern=pattern, key_padding_mask=mask, path="reference")
+    line = {"spatial_shape": (T,)} if mech.spatial else {}  # neighborhood along the sequence: a 1-D grid
+    want = mech(*full, pattern=pattern, key_padding_mask=mask, path="reference", **line)
     want.backward(grad)
     cut = lambda t: shard(t, world, rank, layout)  # noqa: E731
     local = [cut(t).detach().requires_grad_() for t in (q, k, v)]
@@ -177,6 +180,15 @@ def test_auto_picks_the_family_strategy(name, expected):
     sizes = dict(layout="contiguous", world=2, total=4096, heads=4, kv_heads=2)
     chosen = choose(create(name, heads=4, head_dim=8), Pattern.CAUSAL_SELF, "auto", **sizes)
     assert chosen.name == expected
+
+
+def test_auto_takes_halo_for_a_1d_neighborhood_and_refuses_a_grid_one():
+    sizes = dict(layout="zigzag", world=2, total=64, heads=4, kv_heads=4)
+    assert choose(create("neighborhood", kernel_size=5), Pattern.NONCAUSAL_SELF, "auto", **sizes).name == "halo"
+    with pytest.raises(InvalidOption, match="sequence axis"):
+        choose(create("neighborhood", kernel_size=(3, 3)), Pattern.NONCAUSAL_SELF, "halo", **sizes)
+    with pytest.raises(InvalidOption, match="grid"):
+        attend(*(torch.randn(1, 8, 2, 4) for _ in range(3)), "cswin", pattern="noncausal_self")
 
 
 @pytest.mark.parametrize("strategy", ["halo", "sum", "lasp2"])

@@ -145,8 +145,14 @@ def attend(
     mech = mechanism if isinstance(mechanism, Mechanism) else _build(mechanism, q_local, options)
     if isinstance(mechanism, Mechanism) and options:
         raise InvalidOption(f"options {sorted(options)} given with a built mechanism module; build it with them")
+    if mech.spatial and 1 not in mech.spatial_dims:
+        raise InvalidOption(
+            f"{mech.name} attends on a 2-D/3-D grid, which context parallelism does not split; mechanisms with a "
+            "1-D form (neighborhood along the sequence) can be split"
+        )
+    line = (q_local.shape[1],) if mech.spatial else None  # a spatial mechanism along the sequence axis: a 1-D grid
     x = validate(mech, q_local, k_local, v_local, pattern=pattern, scale=scale, key_padding_mask=key_padding_mask,
-                 state=None, return_state=False, spatial_shape=None)  # fmt: skip
+                 state=None, return_state=False, spatial_shape=line)  # fmt: skip
     if x.tq != x.tk:
         raise ShapeError(f"q_local has {x.tq} tokens but k_local has {x.tk}: a rank holds as many keys as queries")
     world = dist.get_world_size(group) if dist.is_initialized() else 1

@@ -1,4 +1,6 @@
-"""``halo``: sliding-window attention over ranks — only the window's worth of keys moves (research §8.4).
+"""``halo``: sliding-window and 1-D neighborhood attention over ranks — only the window's worth of keys moves
+(research §8.4). A neighborhood's window shifts inwards at the sequence's ends (NATTEN), so it reaches (k-1)·d
+positions on both sides; its exact window comes from the mechanism's own predicate on global positions.
 
 Query i sees keys j with ``0 <= i - j < w`` (causal) or ``|i - j| < w`` (noncausal). Each of a rank's pieces (the
 layout's chunks: one, or two for zigzag) needs the ``w - 1`` keys before its start and, noncausal, the ``w - 1``
@@ -33,39 +35,75 @@ class Halo(Strategy):
     def refuses(
         self, mech: Mechanism, pattern: Pattern, *, layout: str, world: int, total: int, heads: int, kv_heads: int
     ):
-        if mech.name != "sliding_window":
-            return f"{mech.name} is not a sliding window (halo exchanges only a window's keys)"
-        w, chunk = mech.options.window, world_pieces(total, world, layout)[0][0].length
-        if w - 1 > chunk:
+        if mech.name not in ("sliding_window", "neighborhood"):
+            return f"{mech.name} is not a sliding window or 1-D neighborhood (halo exchanges only a window's keys)"
+        if mech.name == "neighborhood" and _neighborhood_rank(mech) != 1:
+            return "neighborhood runs along the sequence axis only (1-D kernel_size, dilation, is_causal)"
+        reach, chunk = max(_reach(mech, pattern)), world_pieces(total, world, layout)[0][0].length
+        if reach > chunk:
             return (
-                f"window={w} needs the {w - 1} keys before each query, more than one {layout} chunk of {chunk} tokens "
+                f"{mech.name} needs keys up to {reach} positions away, more than one {layout} chunk of {chunk} tokens "
                 f"(T={total}, W={world}): use strategy='ring', or layout='contiguous' (chunks of T/W), or fewer ranks"
             )
         return None
 
     def run(self, call: CPCall) -> torch.Tensor:
-        w = call.mech.options.window
+        before_reach, after_reach = _reach(call.mech, call.pattern)
         everyone = world_pieces(call.total, call.world, call.layout)
-        causal = call.pattern is Pattern.CAUSAL_SELF
-        kinds = KINDS[:1] if causal else KINDS
+        kinds = KINDS if after_reach else KINDS[:1]
         b, n = call.q.shape[:2]
         real = call.key_padding_mask if call.key_padding_mask is not None else call.q.new_ones(b, n, dtype=torch.bool)
         rows = torch.cat(
             [call.k, call.v, real[:, :, None, None].expand(-1, -1, call.k.shape[2], 1).to(call.k.dtype)], dim=-1
         )  # fmt: skip  [B, n, Hkv, Dk + Dv + 1]: what a halo carries
-        halos, received = _halos(rows, w - 1, everyone, call, kinds)
+        halos, received = _halos(rows, max(before_reach, after_reach), everyone, call, kinds)
+        window = _window(call)  # which (query, key) pairs of the band are seen, in global positions (None: all)
         dk = call.k.shape[-1]
         outs = []
         for i, piece in enumerate(everyone[call.rank]):
             before = halos[(i, "before")]
             after = halos.get((i, "after"), rows[:, :0])
             keys = torch.cat([before, rows[:, piece.local], after], dim=1)  # [B, h + c + h', Hkv, Dk + Dv + 1]
+            first_key = piece.start - before.shape[1]  # global position of keys[:, 0]
+            pairs = None if window is None else (lambda qi, kj, s=piece.start, f=first_key: window(qi + s, kj + f))
             out = banded_attention(
-                call.q[:, piece.local], keys[..., :dk], keys[..., dk:-1], before=w - 1, after=0 if causal else w - 1,
-                scale=call.scale, q_offset=before.shape[1], key_padding_mask=keys[:, :, 0, -1] > 0.5,
+                call.q[:, piece.local], keys[..., :dk], keys[..., dk:-1], before=before_reach, after=after_reach,
+                scale=call.scale, q_offset=before.shape[1], key_padding_mask=keys[:, :, 0, -1] > 0.5, pair_mask=pairs,
             )  # fmt: skip
             outs.append(out)
         return tie(torch.cat(outs, dim=1), *received)  # [B, n, Hq, Dv]
+
+
+def _neighborhood_rank(mech: Mechanism) -> int:
+    """The grid rank a neighborhood's options fix (1 when every option is one value or a 1-tuple)."""
+    opts = (mech.options.kernel_size, mech.options.dilation, mech.options.is_causal)
+    ranks = {len(o) for o in opts if isinstance(o, tuple)}
+    return ranks.pop() if len(ranks) == 1 else (1 if not ranks else 0)
+
+
+def _one(value):
+    return value[0] if isinstance(value, tuple) else value
+
+
+def _reach(mech: Mechanism, pattern: Pattern) -> tuple[int, int]:
+    """How far before and after a query its keys can lie: a sliding window's w-1; a neighborhood's (k-1)·d on
+    both sides (its window shifts inwards at the sequence's ends), only before when causal."""
+    if mech.name == "sliding_window":
+        w = mech.options.window
+        return w - 1, 0 if pattern is Pattern.CAUSAL_SELF else w - 1
+    reach = (_one(mech.options.kernel_size) - 1) * _one(mech.options.dilation)
+    causal = pattern is Pattern.CAUSAL_SELF or bool(_one(mech.options.is_causal))
+    return reach, 0 if causal else reach
+
+
+def _window(call: CPCall):
+    """A neighborhood's exact window on global positions (the mechanism's own predicate over the whole
+    sequence); None for a sliding window, whose band is already exact."""
+    if call.mech.name != "neighborhood":
+        return None
+    pred = call.mech.mask_predicate(call.pattern, (call.total,))
+    zero = torch.zeros((), dtype=torch.long, device=call.q.device)
+    return lambda i, j: pred(zero, zero, i, j)
 
 
 @dataclass(frozen=True)

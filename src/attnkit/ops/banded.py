@@ -9,6 +9,8 @@ dimension) with a small per-block mask, which is much faster on CPU than a dense
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -30,8 +32,12 @@ def banded_attention(
     q_offset: int = 0,
     key_padding_mask: torch.Tensor | None = None,
     block: int = DEFAULT_BLOCK,
+    pair_mask: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """``q [B,Tq,Hq,D], k [B,Tk,Hkv,D], v [B,Tk,Hkv,Dv] -> [B,Tq,Hq,Dv]`` (rows seeing no key are 0)."""
+    """``q [B,Tq,Hq,D], k [B,Tk,Hkv,D], v [B,Tk,Hkv,Dv] -> [B,Tq,Hq,Dv]`` (rows seeing no key are 0).
+
+    ``pair_mask(i, j)``, when given, narrows the band further: it gets query indices (into q) and key indices
+    (into k) as broadcastable int64 tensors and says which pairs may be seen (a window shifted at the borders)."""
     b, tq, hq, _ = q.shape
     tk = k.shape[1]
     block = max(1, min(block, tq))
@@ -61,6 +67,10 @@ def banded_attention(
     c = torch.arange(span, device=q.device)[None, :]
     band = (c >= r) & (c <= r + before + after)  # [block, span]
     mask = band & valid_b  # [B*nb, 1, block, span]
+    if pair_mask is not None:
+        n = torch.arange(nb, device=q.device)[:, None, None] * block  # [nb, 1, 1]
+        allowed = pair_mask(n + r, n + c + (q_offset - before))  # [nb, block, span]: query n*block+r, key index
+        mask = mask & allowed[None].expand(b, -1, -1, -1).reshape(b * nb, 1, block, span)
 
     qp = F.pad(q, (0, 0, 0, 0, 0, nb * block - tq))  # [B, nb*block, Hq, D]
     qb = qp.view(b * nb, block, hq, q.shape[3])  # [B*nb, block, Hq, D] (a view)
