@@ -19,7 +19,7 @@ from html import escape
 from pathlib import Path
 
 from .. import __version__
-from ..errors import AttnkitError
+from .._files import write_text_file
 from . import page_data
 from .maps import AttentionMaps, HeadMetrics
 from .page_assets import SCRIPT, STYLE
@@ -173,11 +173,6 @@ def write_page(
     if images is None:
         images = render_plots(maps, metrics)
     html = render(maps, metrics, title=title, images=images)
-    out = Path(path)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(html, encoding="utf-8")
-    except OSError as err:
-        raise AttnkitError(f"cannot write the page to {out}: {err.strerror or err}; choose another --out") from None
+    out = write_text_file(path, html, "page")
     log.info("wrote %s (%.1f MB)", out, len(html) / 1e6)
     return out

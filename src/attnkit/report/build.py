@@ -7,8 +7,8 @@ from html import escape
 from pathlib import Path
 
 from .. import __version__
+from .._files import write_text_file
 from ..bench.store import Store
-from ..errors import AttnkitError
 from . import catalogue, charts, cp, sections
 from .answer import answer
 from .quality import quality
@@ -105,10 +105,4 @@ written {time.strftime("%Y-%m-%d %H:%M")}</p>
 {"".join(body)}
 <script>{CHECK_SCRIPT}</script></body></html>
 """
-    out = Path(out)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(html, encoding="utf-8")
-    except OSError as err:
-        raise AttnkitError(f"cannot write the report to {out}: {err.strerror or err}; choose another --out") from None
-    return out
+    return write_text_file(out, html, "report")
